@@ -1,0 +1,66 @@
+# ARS — Adaptive Resource Synthesis. Two entry points for a fresh machine:
+#   make demo   real VMs under QEMU, arsd on its embedded defaults (~3 min)
+#   make test   every test, privileged ones included (run as root)
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+GO      ?= go
+BIN     := bin
+GUEST   := build/guest
+# Debian packages the build, tests and demo use. The guest kernel is not
+# installed on the host: guest/build.sh downloads linux-image-*-amd64 and
+# busybox-static with `apt-get download` and unpacks them into $(GUEST).
+DEB_PKGS := qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 procps \
+            clang llvm libbpf-dev bpftool stress-ng vagrant ca-certificates
+TEST_FLAGS ?= -count=1 -p 1 -timeout 30m
+
+.PHONY: all build deps guest generate check-generate vmlinux test unit bench demo clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -trimpath -o $(BIN)/ ./cmd/...
+
+# Installs what is missing, nothing else. Needs root (apt-get).
+deps:
+	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing Debian packages:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null || { echo "apt-get install failed" >&2; exit 1; }; \
+	else echo "==> Debian packages present"; fi
+	@echo "==> Go modules"; $(GO) mod download
+
+guest: deps
+	@guest/build.sh $(GUEST)
+
+# bpf2go outputs are committed; this regenerates them (needs clang).
+generate:
+	$(GO) generate ./agent/telemetry/...
+
+# Fails when the committed bpf2go outputs differ from a fresh generation.
+check-generate:
+	@if command -v clang >/dev/null; then \
+	  $(MAKE) --no-print-directory generate >/dev/null && git diff --exit-code --stat -- agent/ bpf/ \
+	  && echo "==> bpf2go outputs are current"; \
+	else echo "==> clang absent: skipping the bpf2go freshness check"; fi
+
+vmlinux:
+	bpf/gen-vmlinux.sh
+
+unit:
+	$(GO) test -count=1 -short ./...
+
+test: deps guest
+	$(GO) vet ./...
+	@$(MAKE) --no-print-directory check-generate
+	$(GO) test $(TEST_FLAGS) ./...
+
+bench: deps guest
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
+
+demo: deps guest build
+	@$(BIN)/ars-demo --arsd $(BIN)/arsd --guest $(GUEST)
+
+clean:
+	rm -rf $(BIN) build

@@ -1,0 +1,175 @@
+// Package config owns arsd's configuration: the embedded defaults, loading
+// a YAML file over them (unknown keys are errors that name the key), and
+// validation with messages that name the offending field. Each component
+// owns its own section type; this package only assembles them.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/ars-dev/ars/predictor"
+	"github.com/ars-dev/ars/synthesizer"
+)
+
+// Config is the whole of arsd's configuration.
+type Config struct {
+	// QMPDir is scanned for *.sock QMP sockets; each is one VM.
+	QMPDir string `yaml:"qmpDir"`
+	// ControlSocket is the Unix socket arsctl talks to.
+	ControlSocket string `yaml:"controlSocket"`
+	// MetricsAddr is where /metrics is served ("" disables it).
+	MetricsAddr string `yaml:"metricsAddr"`
+	// StateDir holds the audit log.
+	StateDir string `yaml:"stateDir"`
+	// Tick is the control loop period.
+	Tick time.Duration `yaml:"tick"`
+	// DryRun computes and audits plans without writing to the host.
+	DryRun bool `yaml:"dryRun"`
+	// Telemetry switches eBPF programs.
+	Telemetry Telemetry `yaml:"telemetry"`
+	// Predictor configures the forecasting model.
+	Predictor predictor.EWMAConfig `yaml:"predictor"`
+	// Synthesizer tunes hysteresis and granularity.
+	Synthesizer synthesizer.Config `yaml:"synthesizer"`
+	// DefaultSLA applies to VMs not listed in VMs.
+	DefaultSLA synthesizer.SLA `yaml:"defaultSLA"`
+	// VMs holds per-VM SLAs, keyed by VM name.
+	VMs map[string]synthesizer.SLA `yaml:"vms"`
+}
+
+// Telemetry configures the eBPF layer.
+type Telemetry struct {
+	// Runqlat enables the run-queue delay program.
+	Runqlat bool `yaml:"runqlat"`
+}
+
+// Default returns the embedded defaults: everything arsd needs to run on a
+// host with no config file.
+func Default() Config {
+	return Config{
+		QMPDir:        "/run/ars/qmp",
+		ControlSocket: "/run/ars/arsd.sock",
+		MetricsAddr:   ":9464",
+		StateDir:      "/var/lib/ars",
+		Tick:          time.Second,
+		Telemetry:     Telemetry{Runqlat: true},
+		Predictor:     predictor.DefaultEWMAConfig(),
+		Synthesizer:   synthesizer.DefaultConfig(),
+		DefaultSLA:    synthesizer.DefaultSLA(),
+		VMs:           map[string]synthesizer.SLA{},
+	}
+}
+
+// Load reads path over the defaults and validates the result.
+func Load(path string) (Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	c, err := Parse(io.LimitReader(f, 1<<20+1))
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes YAML over the defaults and validates. Input over 1 MiB is
+// refused.
+func Parse(r io.Reader) (Config, error) {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return Config{}, err
+	}
+	if len(b) > 1<<20 {
+		return Config{}, errors.New("larger than 1 MiB")
+	}
+	c := Default()
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return Config{}, err
+	}
+	// Per-VM SLAs start from the default SLA for fields they leave out.
+	if err := c.fillVMDefaults(b); err != nil {
+		return Config{}, err
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+// fillVMDefaults re-decodes each VM's SLA over DefaultSLA so omitted fields
+// inherit it instead of becoming zero.
+func (c *Config) fillVMDefaults(raw []byte) error {
+	var doc struct {
+		VMs map[string]yaml.Node `yaml:"vms"`
+	}
+	if err := yaml.Unmarshal(raw, &doc); err != nil {
+		return err
+	}
+	for name, node := range doc.VMs {
+		s := c.DefaultSLA
+		if err := node.Decode(&s); err != nil {
+			return fmt.Errorf("vms.%s: %w", name, err)
+		}
+		c.VMs[name] = s
+	}
+	return nil
+}
+
+var vmName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+
+// Validate checks every field and names the one at fault.
+func (c Config) Validate() error {
+	var errs []error
+	if !filepath.IsAbs(c.QMPDir) {
+		errs = append(errs, fmt.Errorf("qmpDir must be an absolute path, got %q", c.QMPDir))
+	}
+	if !filepath.IsAbs(c.ControlSocket) {
+		errs = append(errs, fmt.Errorf("controlSocket must be an absolute path, got %q", c.ControlSocket))
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		errs = append(errs, fmt.Errorf("stateDir must be an absolute path, got %q", c.StateDir))
+	}
+	if c.Tick < 100*time.Millisecond || c.Tick > time.Minute {
+		errs = append(errs, fmt.Errorf("tick must be in [100ms, 1m], got %v", c.Tick))
+	}
+	if err := c.Predictor.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("predictor: %w", err))
+	}
+	if err := c.Synthesizer.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.DefaultSLA.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("defaultSLA: %w", err))
+	}
+	for name, s := range c.VMs {
+		if !vmName.MatchString(name) {
+			errs = append(errs, fmt.Errorf("vms: bad VM name %q", name))
+			continue
+		}
+		if err := s.Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("vms.%s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SLAFor returns the SLA of a VM: its own, else the default.
+func (c Config) SLAFor(vm string) synthesizer.SLA {
+	if s, ok := c.VMs[vm]; ok {
+		return s
+	}
+	return c.DefaultSLA
+}

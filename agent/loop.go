@@ -1,0 +1,333 @@
+// Package agent wires ARS's control loop on one host: every tick it asks
+// discovery which VMs run, reads their cgroup CPU accounting and eBPF
+// run-queue delay, feeds demand to the predictor, lets the synthesizer
+// decide, hands changes to the executor (the one writer), records the
+// mapping in the DRM and publishes a status snapshot. The sub-packages
+// hold the parts (cgroups, config, discovery, executor, metrics, qmp,
+// status, telemetry); this package only connects them.
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sort"
+	"time"
+
+	"github.com/ars-dev/ars/agent/cgroups"
+	"github.com/ars-dev/ars/agent/config"
+	"github.com/ars-dev/ars/agent/executor"
+	"github.com/ars-dev/ars/agent/status"
+	"github.com/ars-dev/ars/agent/telemetry"
+	"github.com/ars-dev/ars/mapper"
+	"github.com/ars-dev/ars/predictor"
+	"github.com/ars-dev/ars/synthesizer"
+)
+
+// VM is what discovery tells the loop about one running VM.
+type VM struct {
+	Name   string
+	Socket string
+	PID    int
+	VCPUs  []mapper.VCPU
+	Group  cgroups.Group
+}
+
+// VMSource lists the running VMs (agent/discovery in production).
+type VMSource interface {
+	Refresh(ctx context.Context) ([]VM, []error)
+}
+
+// RunqSource is the eBPF run-queue delay program (telemetry.Runqlat).
+type RunqSource interface {
+	Track(tid, vmSlot, vcpuSlot uint32) error
+	Untrack(tid uint32) error
+	Read() (map[uint32]telemetry.VCPUStats, error)
+}
+
+// CPUReader reads cgroup CPU accounting (cgroups.ReadCPU in production).
+type CPUReader func(g cgroups.Group) (cgroups.CPUStat, error)
+
+// Exec applies actions (executor.Executor).
+type Exec interface {
+	Apply(ctx context.Context, actions []executor.Action) []executor.Result
+}
+
+// Deps are the loop's collaborators; Runq may be nil (telemetry off).
+type Deps struct {
+	VMs     VMSource
+	Runq    RunqSource
+	ReadCPU CPUReader
+	Exec    Exec
+	DRM     *mapper.Table
+	Board   *status.Board
+	Log     *slog.Logger
+	Now     func() time.Time
+}
+
+type vmState struct {
+	slot     uint32
+	model    predictor.Model
+	prevCPU  cgroups.CPUStat
+	prevAt   time.Time
+	havePrev bool
+	tids     map[uint32]bool
+	prevRunq map[uint32]telemetry.VCPUStats
+	last     status.VM
+}
+
+// Loop is the control loop. It is driven by one goroutine (Run or Tick).
+type Loop struct {
+	cfg            config.Config
+	d              Deps
+	engine         *synthesizer.Engine
+	vms            map[string]*vmState
+	nextSlot       uint32
+	tick           uint64
+	actions        map[string]uint64
+	telemetryState string
+}
+
+// New builds a loop; telemetryState describes the eBPF layer for status
+// ("runqlat" or why it is off).
+func New(cfg config.Config, d Deps, telemetryState string) (*Loop, error) {
+	eng, err := synthesizer.New(cfg.Synthesizer, d.Now)
+	if err != nil {
+		return nil, err
+	}
+	return &Loop{cfg: cfg, d: d, engine: eng, vms: map[string]*vmState{},
+		actions: map[string]uint64{}, telemetryState: telemetryState}, nil
+}
+
+// Run ticks every cfg.Tick until ctx is done.
+func (l *Loop) Run(ctx context.Context) error {
+	t := time.NewTicker(l.cfg.Tick)
+	defer t.Stop()
+	for {
+		l.Tick(ctx)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Tick runs one control step.
+func (l *Loop) Tick(ctx context.Context) {
+	l.tick++
+	var errs []string
+	found, derrs := l.d.VMs.Refresh(ctx)
+	for _, e := range derrs {
+		errs = append(errs, e.Error())
+	}
+	seen := map[string]bool{}
+	for _, vm := range found {
+		seen[vm.Name] = true
+	}
+	for name := range l.vms {
+		if !seen[name] {
+			l.forget(name)
+		}
+	}
+
+	var runq map[uint32]telemetry.VCPUStats
+	if l.d.Runq != nil {
+		var err error
+		if runq, err = l.d.Runq.Read(); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+
+	var actions []executor.Action
+	for _, vm := range found {
+		st, err := l.observe(vm, runq)
+		if err != nil {
+			errs = append(errs, fmt.Sprintf("%s: %v", vm.Name, err))
+			continue
+		}
+		if a, ok := l.decide(vm, st); ok {
+			actions = append(actions, a)
+		}
+	}
+
+	for _, r := range l.d.Exec.Apply(ctx, actions) {
+		l.actions[string(r.Action.Kind)+"/"+string(r.Outcome)]++
+		if r.Err != nil {
+			errs = append(errs, r.Err.Error())
+			l.d.Log.Error("action failed", "vm", r.Action.VM, "kind", r.Action.Kind, "err", r.Err)
+			continue
+		}
+		if r.Outcome == executor.Applied || r.Outcome == executor.DryRun {
+			l.d.Log.Info("cpu quota", "vm", r.Action.VM, "outcome", r.Outcome,
+				"before_us", r.BeforeQuotaUs, "after_us", r.AfterQuotaUs, "reason", r.Action.Reason)
+		}
+	}
+
+	// Record what is in force now, read back from the kernel.
+	snap := status.Snapshot{Time: l.d.Now(), Tick: l.tick, Telemetry: l.telemetryState, Errors: errs}
+	for _, vm := range found {
+		st, ok := l.vms[vm.Name]
+		if !ok {
+			continue
+		}
+		cpu := mapper.CPU{Cgroup: vm.Group.CPU, Version: vm.Group.CPUVersion.String()}
+		if cs, err := l.d.ReadCPU(vm.Group); err == nil {
+			q, p := cs.QuotaUs, cs.PeriodUs
+			cpu.QuotaUs, cpu.PeriodUs = q, p
+			if q > 0 && p > 0 {
+				cpu.Millicores = q * 1000 / int64(p)
+			}
+		} else {
+			cpu.QuotaUs = st.prevCPU.QuotaUs
+			cpu.PeriodUs = st.prevCPU.PeriodUs
+		}
+		l.d.DRM.Put(mapper.VM{Name: vm.Name, PID: vm.PID, QMP: vm.Socket, VCPUs: vm.VCPUs, CPU: cpu})
+		st.last.AllocMillicores = cpu.Millicores
+		snap.VMs = append(snap.VMs, st.last)
+	}
+	sort.Slice(snap.VMs, func(i, j int) bool { return snap.VMs[i].Name < snap.VMs[j].Name })
+	snap.Actions = make(map[string]uint64, len(l.actions))
+	for k, v := range l.actions {
+		snap.Actions[k] = v
+	}
+	snap.Generation = l.d.DRM.Snapshot().Generation
+	l.d.Board.Publish(snap)
+}
+
+// observe updates a VM's telemetry state and model; it returns the state.
+func (l *Loop) observe(vm VM, runq map[uint32]telemetry.VCPUStats) (*vmState, error) {
+	st, ok := l.vms[vm.Name]
+	if !ok {
+		m, err := predictor.NewEWMA(l.cfg.Predictor)
+		if err != nil {
+			return nil, err
+		}
+		st = &vmState{slot: l.nextSlot, model: m, tids: map[uint32]bool{}, prevRunq: map[uint32]telemetry.VCPUStats{}}
+		l.nextSlot++
+		l.vms[vm.Name] = st
+		l.d.Log.Info("vm discovered", "vm", vm.Name, "pid", vm.PID, "vcpus", len(vm.VCPUs), "cgroup", vm.Group.CPU)
+	}
+	sla := l.cfg.SLAFor(vm.Name)
+	st.last = status.VM{Name: vm.Name, PID: vm.PID, VCPUs: len(vm.VCPUs),
+		FloorMillicores: sla.CPU.FloorMillicores, CeilingMillicores: sla.CPU.CeilingMillicores,
+		LastDecision: st.last.LastDecision}
+
+	l.trackVCPUs(vm, st)
+	if l.d.Runq != nil && runq != nil {
+		l.runqDelay(st, runq)
+	}
+
+	cur, err := l.d.ReadCPU(vm.Group)
+	if err != nil {
+		return nil, fmt.Errorf("read cpu accounting: %w", err)
+	}
+	now := l.d.Now()
+	prev, prevAt, had := st.prevCPU, st.prevAt, st.havePrev
+	st.prevCPU, st.prevAt, st.havePrev = cur, now, true
+	if !had || !now.After(prevAt) || cur.UsageNs < prev.UsageNs {
+		return st, nil // first sight (or a counter reset): no rate yet
+	}
+	dt := now.Sub(prevAt).Seconds()
+	usage := float64(cur.UsageNs-prev.UsageNs) / 1e6 / dt // ms of CPU per s = millicores
+	obs := predictor.CPUObservation{UsageMillicores: usage}
+	if prev.QuotaUs > 0 && prev.PeriodUs > 0 {
+		obs.LimitMillicores = float64(prev.QuotaUs) * 1000 / float64(prev.PeriodUs)
+	}
+	if cur.Periods >= prev.Periods && cur.Throttled >= prev.Throttled {
+		obs.Periods, obs.ThrottledPeriods = cur.Periods-prev.Periods, cur.Throttled-prev.Throttled
+	}
+	demand := predictor.CPUDemand(obs)
+	if err := st.model.Observe(demand); err != nil {
+		return nil, err
+	}
+	st.last.UsageMillicores, st.last.DemandMillicores, st.last.ThrottledPeriods = usage, demand, obs.ThrottledPeriods
+	return st, nil
+}
+
+// trackVCPUs registers the VM's vCPU threads with eBPF (new ones only).
+func (l *Loop) trackVCPUs(vm VM, st *vmState) {
+	if l.d.Runq == nil {
+		return
+	}
+	want := map[uint32]bool{}
+	for _, c := range vm.VCPUs {
+		tid := uint32(c.TID)
+		want[tid] = true
+		if st.tids[tid] {
+			continue
+		}
+		if err := l.d.Runq.Track(tid, st.slot, uint32(c.Index)); err != nil {
+			l.d.Log.Warn("track vcpu", "vm", vm.Name, "tid", tid, "err", err)
+			continue
+		}
+		st.tids[tid] = true
+	}
+	for tid := range st.tids {
+		if !want[tid] {
+			l.d.Runq.Untrack(tid)
+			delete(st.tids, tid)
+			delete(st.prevRunq, tid)
+		}
+	}
+}
+
+// runqDelay folds this tick's change of every vCPU's counters into the
+// VM's mean and p99 run-queue delay.
+func (l *Loop) runqDelay(st *vmState, runq map[uint32]telemetry.VCPUStats) {
+	var sum telemetry.VCPUStats
+	any := false
+	for tid := range st.tids {
+		cur, ok := runq[tid]
+		if !ok {
+			continue
+		}
+		if prev, ok := st.prevRunq[tid]; ok {
+			sum = sum.Add(cur.Sub(prev))
+			any = true
+		}
+		st.prevRunq[tid] = cur
+	}
+	if !any {
+		return
+	}
+	st.last.RunqValid = true
+	st.last.RunqDelayTotal = sum.RunDelayNs
+	if sum.Count > 0 {
+		st.last.RunqMeanNs = float64(sum.RunDelayNs) / float64(sum.Count)
+		st.last.RunqP99Ns = sum.Quantile(0.99)
+	}
+}
+
+// decide asks the synthesizer for the VM's CPU allocation.
+func (l *Loop) decide(vm VM, st *vmState) (executor.Action, bool) {
+	f, ok := st.model.Forecast()
+	if !ok {
+		return executor.Action{}, false
+	}
+	st.last.ForecastMillicores = f.P50
+	var current int64
+	if st.prevCPU.QuotaUs > 0 && st.prevCPU.PeriodUs > 0 {
+		current = st.prevCPU.QuotaUs * 1000 / int64(st.prevCPU.PeriodUs)
+	}
+	d := l.engine.CPU(vm.Name, l.cfg.SLAFor(vm.Name), f, current)
+	st.last.LastDecision = d.Reason
+	if !d.Changed() {
+		return executor.Action{}, false
+	}
+	return executor.Action{VM: vm.Name, Kind: executor.KindCPUQuota, Group: vm.Group,
+		Millicores: d.Target, Reason: d.Reason}, true
+}
+
+func (l *Loop) forget(name string) {
+	st := l.vms[name]
+	if l.d.Runq != nil {
+		for tid := range st.tids {
+			l.d.Runq.Untrack(tid)
+		}
+	}
+	l.engine.Forget(name)
+	l.d.DRM.Remove(name)
+	delete(l.vms, name)
+	l.d.Log.Info("vm gone", "vm", name)
+}

@@ -1,0 +1,136 @@
+package agent
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/ars-dev/ars/agent/cgroups"
+	"github.com/ars-dev/ars/agent/config"
+	"github.com/ars-dev/ars/agent/executor"
+	"github.com/ars-dev/ars/agent/status"
+	"github.com/ars-dev/ars/agent/telemetry"
+	"github.com/ars-dev/ars/mapper"
+)
+
+// fakeHost simulates one VM's cgroup: the VM wants `want` millicores and
+// gets min(want, quota) each second; throttled when capped.
+type fakeHost struct {
+	want    float64
+	quotaUs int64
+	usageNs uint64
+	periods uint64
+	thr     uint64
+}
+
+func (h *fakeHost) step() {
+	got := h.want
+	if h.quotaUs > 0 {
+		if lim := float64(h.quotaUs) / 100; lim < got {
+			got = lim
+			h.thr += 10
+		}
+	}
+	h.periods += 10
+	h.usageNs += uint64(got * 1e6)
+}
+
+func (h *fakeHost) read(g cgroups.Group) (cgroups.CPUStat, error) {
+	return cgroups.CPUStat{UsageNs: h.usageNs, Periods: h.periods, Throttled: h.thr,
+		QuotaUs: h.quotaUs, PeriodUs: 100000, QuotaReadable: true}, nil
+}
+
+func (h *fakeHost) ReadQuota(cgroups.Group) (int64, uint64, error) { return h.quotaUs, 100000, nil }
+func (h *fakeHost) WriteQuota(_ cgroups.Group, q int64) error      { h.quotaUs = q; return nil }
+
+type fakeVMs struct{ vms []VM }
+
+func (f *fakeVMs) Refresh(context.Context) ([]VM, []error) { return f.vms, nil }
+
+type fakeRunq struct {
+	tracked map[uint32]uint32
+	stats   map[uint32]telemetry.VCPUStats
+}
+
+func (r *fakeRunq) Track(tid, vm, vcpu uint32) error { r.tracked[tid] = vm; return nil }
+func (r *fakeRunq) Untrack(tid uint32) error         { delete(r.tracked, tid); return nil }
+func (r *fakeRunq) Read() (map[uint32]telemetry.VCPUStats, error) {
+	out := map[uint32]telemetry.VCPUStats{}
+	for k, v := range r.stats {
+		out[k] = v
+	}
+	return out, nil
+}
+
+func TestLoopGrowsAndShrinks(t *testing.T) {
+	h := &fakeHost{want: 50, quotaUs: -1}
+	clock := time.Unix(1000, 0)
+	now := func() time.Time { return clock }
+	vms := &fakeVMs{vms: []VM{{Name: "a", PID: 10, VCPUs: []mapper.VCPU{{Index: 0, TID: 11}}, Group: cgroups.Group{CPU: "/a"}}}}
+	rq := &fakeRunq{tracked: map[uint32]uint32{}, stats: map[uint32]telemetry.VCPUStats{}}
+	board := &status.Board{}
+	drm := mapper.New()
+	l, err := New(config.Default(), Deps{
+		VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(h, nil, false, now),
+		DRM: drm, Board: board, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: now,
+	}, "fake")
+	if err != nil {
+		t.Fatal(err)
+	}
+	step := func() status.VM {
+		h.step()
+		clock = clock.Add(time.Second)
+		var s telemetry.VCPUStats
+		s = rq.stats[11]
+		s.Count += 10
+		s.RunDelayNs += 10 * 1000
+		s.Hist[10] += 10 // ~1 µs each
+		rq.stats[11] = s
+		l.Tick(context.Background())
+		snap := board.Latest()
+		if len(snap.VMs) != 1 {
+			t.Fatalf("snapshot has %d VMs", len(snap.VMs))
+		}
+		return snap.VMs[0]
+	}
+	for i := 0; i < 3; i++ {
+		step()
+	}
+	if h.quotaUs != 20000 {
+		t.Fatalf("idle VM quota %d, want the 200m floor (20000)", h.quotaUs)
+	}
+	if _, ok := rq.tracked[11]; !ok {
+		t.Fatal("vCPU thread not tracked")
+	}
+	// Busy: wants 1.2 cores; capped at floor first, must climb within 5 ticks.
+	h.want = 1200
+	var vm status.VM
+	for i := 0; i < 5; i++ {
+		vm = step()
+	}
+	if h.quotaUs < 120000 {
+		t.Fatalf("busy VM quota %d after 5 ticks, want >= 120000 (decision %q)", h.quotaUs, vm.LastDecision)
+	}
+	if !vm.RunqValid || vm.RunqMeanNs != 1000 {
+		t.Fatalf("run-queue delay not reported: %+v", vm)
+	}
+	// Idle again: back to the floor within 10 ticks.
+	h.want = 50
+	for i := 0; i < 10; i++ {
+		vm = step()
+	}
+	if h.quotaUs != 20000 {
+		t.Fatalf("quota %d after load dropped, want 20000 (decision %q)", h.quotaUs, vm.LastDecision)
+	}
+	if m, _ := drm.Get("a"); m.CPU.QuotaUs != 20000 || len(m.VCPUs) != 1 {
+		t.Fatalf("DRM row %+v", m)
+	}
+	// VM disappears: untracked, removed from the DRM.
+	vms.vms = nil
+	l.Tick(context.Background())
+	if len(rq.tracked) != 0 || len(drm.Names()) != 0 {
+		t.Fatalf("gone VM still tracked %v / mapped %v", rq.tracked, drm.Names())
+	}
+}

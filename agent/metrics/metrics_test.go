@@ -1,0 +1,58 @@
+package metrics
+
+import (
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ars-dev/ars/agent/status"
+)
+
+func TestCollectorGolden(t *testing.T) {
+	var b status.Board
+	b.Publish(status.Snapshot{
+		Tick: 7, Generation: 3,
+		VMs: []status.VM{{
+			Name: "web", UsageMillicores: 500, DemandMillicores: 750, ForecastMillicores: 600,
+			AllocMillicores: 800, FloorMillicores: 200, CeilingMillicores: 1500, ThrottledPeriods: 4,
+			RunqValid: true, RunqMeanNs: 2e6, RunqP99Ns: 8e6,
+		}, {Name: "idle", AllocMillicores: 200, FloorMillicores: 200, CeilingMillicores: 1500}},
+		Actions: map[string]uint64{"cpu.quota/applied": 5},
+	})
+	want := `
+# HELP ars_actions_total Executor actions by kind and outcome.
+# TYPE ars_actions_total counter
+ars_actions_total{kind="cpu.quota",outcome="applied"} 5
+# HELP ars_vm_cpu_allocation_cores CPU allocation in force (cgroup quota), in cores.
+# TYPE ars_vm_cpu_allocation_cores gauge
+ars_vm_cpu_allocation_cores{vm="idle"} 0.2
+ars_vm_cpu_allocation_cores{vm="web"} 0.8
+# HELP ars_vm_runqueue_delay_p99_seconds p99 run-queue delay of the VM's vCPU threads over the last tick (eBPF).
+# TYPE ars_vm_runqueue_delay_p99_seconds gauge
+ars_vm_runqueue_delay_p99_seconds{vm="web"} 0.008
+# HELP ars_vm_cpu_demand_cores Estimated CPU demand (usage corrected for throttling), in cores.
+# TYPE ars_vm_cpu_demand_cores gauge
+ars_vm_cpu_demand_cores{vm="idle"} 0
+ars_vm_cpu_demand_cores{vm="web"} 0.75
+# HELP ars_vms VMs managed by this agent.
+# TYPE ars_vms gauge
+ars_vms 2
+# HELP ars_ticks_total Control loop ticks completed.
+# TYPE ars_ticks_total counter
+ars_ticks_total 7
+# HELP ars_build_info Build information; always 1.
+# TYPE ars_build_info gauge
+ars_build_info{goversion="` + runtime.Version() + `",version="` + Version + `"} 1
+`
+	if err := testutil.CollectAndCompare(NewCollector(&b), strings.NewReader(want),
+		"ars_actions_total", "ars_vm_cpu_allocation_cores", "ars_vm_runqueue_delay_p99_seconds",
+		"ars_vm_cpu_demand_cores", "ars_vms", "ars_ticks_total", "ars_build_info"); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(NewCollector(&b)); n != 2*7+1+1+4+1 {
+		// 7 always-present per-VM gauges ×2, runq p99+mean for web, vms, actions, ticks, gen, build
+		t.Fatalf("collected %d metrics", n)
+	}
+}

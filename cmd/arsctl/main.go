@@ -1,0 +1,100 @@
+// Command arsctl is the operator's client for arsd: it reads the agent's
+// state through the control socket.
+//
+//	arsctl [--socket PATH] [--json] vms     per-VM usage, delay, forecast, allocation
+//	arsctl [--socket PATH] [--json] drm     the dynamic resource map
+//	arsctl [--socket PATH] [--json] status  the whole last snapshot
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/ars-dev/ars/agent/config"
+	"github.com/ars-dev/ars/agent/status"
+	"github.com/ars-dev/ars/ipc"
+	"github.com/ars-dev/ars/mapper"
+)
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "arsctl:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("arsctl", flag.ContinueOnError)
+	sock := fs.String("socket", config.Default().ControlSocket, "arsd control socket")
+	asJSON := fs.Bool("json", false, "print raw JSON")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] vms|drm|status")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return fmt.Errorf("need exactly one command")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	switch cmd := fs.Arg(0); cmd {
+	case "vms":
+		var vms []status.VM
+		if err := ipc.Call(ctx, *sock, "vms", nil, &vms); err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(out, vms)
+		}
+		return status.WriteTable(out, vms)
+	case "drm":
+		var snap mapper.Snapshot
+		if err := ipc.Call(ctx, *sock, "drm", nil, &snap); err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(out, snap)
+		}
+		fmt.Fprintf(out, "generation %d\n", snap.Generation)
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		for _, r := range snap.Rows() {
+			fmt.Fprintf(tw, "%s\t%s\n", r.Key, r.Value)
+		}
+		return tw.Flush()
+	case "status":
+		var snap status.Snapshot
+		if err := ipc.Call(ctx, *sock, "status", nil, &snap); err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(out, snap)
+		}
+		fmt.Fprintf(out, "tick %d at %s, telemetry: %s, DRM generation %d\n",
+			snap.Tick, snap.Time.Format(time.RFC3339), snap.Telemetry, snap.Generation)
+		for k, v := range snap.Actions {
+			fmt.Fprintf(out, "actions %s: %d\n", k, v)
+		}
+		for _, e := range snap.Errors {
+			fmt.Fprintf(out, "error: %s\n", e)
+		}
+		return status.WriteTable(out, snap.VMs)
+	default:
+		fs.Usage()
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+}
+
+func printJSON(out io.Writer, v any) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

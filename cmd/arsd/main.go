@@ -1,0 +1,188 @@
+// Command arsd is the ARS host agent: it discovers the QEMU VMs on this
+// host, watches them (cgroups, eBPF), forecasts their demand and adjusts
+// their CPU quota within their SLA. It serves Prometheus metrics and a Unix
+// control socket for arsctl. With no flags it runs on embedded defaults.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/ars-dev/ars/agent"
+	"github.com/ars-dev/ars/agent/cgroups"
+	"github.com/ars-dev/ars/agent/config"
+	"github.com/ars-dev/ars/agent/discovery"
+	"github.com/ars-dev/ars/agent/executor"
+	"github.com/ars-dev/ars/agent/metrics"
+	"github.com/ars-dev/ars/agent/status"
+	"github.com/ars-dev/ars/agent/telemetry"
+	"github.com/ars-dev/ars/ipc"
+	"github.com/ars-dev/ars/mapper"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "arsd:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		cfgPath     = flag.String("config", "", "YAML config file (default: embedded defaults)")
+		qmpDir      = flag.String("qmp-dir", "", "directory of QMP sockets, one per VM (overrides config)")
+		ctlSock     = flag.String("control-socket", "", "control socket path (overrides config)")
+		metricsAddr = flag.String("metrics-addr", "", "metrics listen address, \"off\" to disable (overrides config)")
+		stateDir    = flag.String("state-dir", "", "state directory for the audit log (overrides config)")
+		tick        = flag.Duration("tick", 0, "control loop period (overrides config)")
+		dryRun      = flag.Bool("dry-run", false, "decide and audit, but write nothing to the host")
+		noBPF       = flag.Bool("no-bpf", false, "do not load eBPF programs")
+		printCfg    = flag.Bool("print-config", false, "print the effective configuration and exit")
+	)
+	flag.Parse()
+	if flag.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", flag.Args())
+	}
+	cfg := config.Default()
+	if *cfgPath != "" {
+		var err error
+		if cfg, err = config.Load(*cfgPath); err != nil {
+			return err
+		}
+	}
+	if *qmpDir != "" {
+		cfg.QMPDir = *qmpDir
+	}
+	if *ctlSock != "" {
+		cfg.ControlSocket = *ctlSock
+	}
+	switch *metricsAddr {
+	case "":
+	case "off":
+		cfg.MetricsAddr = ""
+	default:
+		cfg.MetricsAddr = *metricsAddr
+	}
+	if *stateDir != "" {
+		cfg.StateDir = *stateDir
+	}
+	if *tick != 0 {
+		cfg.Tick = *tick
+	}
+	if *dryRun {
+		cfg.DryRun = true
+	}
+	if *noBPF {
+		cfg.Telemetry.Runqlat = false
+	}
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("invalid configuration: %w", err)
+	}
+	if *printCfg {
+		return yaml.NewEncoder(os.Stdout).Encode(cfg)
+	}
+
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	host, err := cgroups.Detect(cgroups.DefaultPaths())
+	if err != nil {
+		return err
+	}
+	log.Info("cgroups", "cpu", host.VersionOf("cpu").String(), "cpuacct", host.VersionOf("cpuacct").String())
+
+	telemetryState := "off (disabled in config)"
+	var runq agent.RunqSource
+	if cfg.Telemetry.Runqlat {
+		r, err := telemetry.LoadRunqlat()
+		if err != nil {
+			// Keep going without the probe; say exactly what is off.
+			telemetryState = "off: " + err.Error()
+			log.Error("eBPF run-queue delay probe disabled", "err", fmt.Sprintf("%+v", err))
+		} else {
+			defer r.Close()
+			runq = r
+			telemetryState = "runqlat"
+		}
+	}
+
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	audit, err := executor.OpenAudit(filepath.Join(cfg.StateDir, "audit.log"))
+	if err != nil {
+		return err
+	}
+	defer audit.Close()
+
+	board := &status.Board{}
+	drm := mapper.New()
+	// The QMP directory is ARS's own rendezvous point: QEMU (or libvirt
+	// hooks) put one socket per VM there. Create it so a fresh host works.
+	if err := os.MkdirAll(cfg.QMPDir, 0o750); err != nil {
+		return fmt.Errorf("qmp dir: %w", err)
+	}
+	src := agent.WatcherSource{W: discovery.NewWatcher(cfg.QMPDir, host, discovery.Options{})}
+	defer src.Close()
+	loop, err := agent.New(cfg, agent.Deps{
+		VMs: src, Runq: runq, ReadCPU: cgroups.ReadCPU,
+		Exec: executor.New(executor.Cgroups{}, audit, cfg.DryRun, time.Now),
+		DRM:  drm, Board: board, Log: log, Now: time.Now,
+	}, telemetryState)
+	if err != nil {
+		return err
+	}
+
+	ctl := ipc.NewServer(cfg.ControlSocket, ipc.RootOnly, log)
+	ctl.Register("status", func(context.Context, ipc.Peer, json.RawMessage) (any, error) { return board.Latest(), nil })
+	ctl.Register("vms", func(context.Context, ipc.Peer, json.RawMessage) (any, error) { return board.Latest().VMs, nil })
+	ctl.Register("drm", func(context.Context, ipc.Peer, json.RawMessage) (any, error) { return drm.Snapshot(), nil })
+	if err := ctl.Listen(); err != nil {
+		return err
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- ctl.Serve(ctx) }()
+
+	if cfg.MetricsAddr != "" {
+		ln, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", metrics.Handler(board))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("metrics: %w", err)
+			}
+		}()
+		defer srv.Close()
+		log.Info("metrics", "addr", ln.Addr().String())
+	}
+	log.Info("arsd running", "qmp_dir", cfg.QMPDir, "control_socket", cfg.ControlSocket,
+		"tick", cfg.Tick, "dry_run", cfg.DryRun, "telemetry", telemetryState)
+
+	go func() { errc <- loop.Run(ctx) }()
+	select {
+	case <-ctx.Done():
+		log.Info("arsd stopping")
+		return nil
+	case err := <-errc:
+		return err
+	}
+}

@@ -1,0 +1,98 @@
+// Package predictor is the Workload Analysis Module (WAM): it turns a
+// series of demand observations per VM and resource into forecasts. It owns
+// the Model interface every forecasting model implements and the models
+// themselves; it never reads the host and never writes to it.
+package predictor
+
+import (
+	"errors"
+	"fmt"
+	"math"
+)
+
+// Forecast is a model's view of the next horizon for one series.
+type Forecast struct {
+	// P50 is the central estimate of demand.
+	P50 float64
+	// Alloc is the allocation the model recommends: a high quantile of
+	// demand, i.e. the estimate plus the model's safety margin.
+	Alloc float64
+	// Samples is how many observations the model has seen.
+	Samples int
+}
+
+// Model is an online forecaster of one series: Observe is called once per
+// sample, Forecast whenever an allocation is needed.
+type Model interface {
+	// Name identifies the model in metrics and backtests.
+	Name() string
+	// Observe feeds one demand observation (non-negative, finite).
+	Observe(v float64) error
+	// Forecast returns the current forecast; ok is false before any sample.
+	Forecast() (f Forecast, ok bool)
+}
+
+// EWMAConfig configures the EWMA model.
+type EWMAConfig struct {
+	// Alpha is the weight of the newest sample, in (0, 1].
+	Alpha float64 `yaml:"alpha"`
+	// Margin is the relative safety margin added for the allocation (>= 0).
+	Margin float64 `yaml:"margin"`
+}
+
+// DefaultEWMAConfig reacts within a few 1 s ticks and keeps 25 % headroom.
+func DefaultEWMAConfig() EWMAConfig { return EWMAConfig{Alpha: 0.5, Margin: 0.25} }
+
+// Validate checks the ranges.
+func (c EWMAConfig) Validate() error {
+	if !(c.Alpha > 0 && c.Alpha <= 1) {
+		return fmt.Errorf("predictor: ewma alpha must be in (0, 1], got %v", c.Alpha)
+	}
+	if !(c.Margin >= 0 && c.Margin <= 10) {
+		return fmt.Errorf("predictor: ewma margin must be in [0, 10], got %v", c.Margin)
+	}
+	return nil
+}
+
+// EWMA is an exponentially weighted moving average with a relative margin.
+type EWMA struct {
+	cfg   EWMAConfig
+	value float64
+	n     int
+}
+
+// NewEWMA returns an EWMA model; cfg must be valid.
+func NewEWMA(cfg EWMAConfig) (*EWMA, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &EWMA{cfg: cfg}, nil
+}
+
+// Name implements Model.
+func (e *EWMA) Name() string { return "ewma" }
+
+// ErrBadSample is returned for negative, NaN or infinite observations.
+var ErrBadSample = errors.New("predictor: sample must be finite and non-negative")
+
+// Observe implements Model.
+func (e *EWMA) Observe(v float64) error {
+	if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
+		return fmt.Errorf("%w: %v", ErrBadSample, v)
+	}
+	if e.n == 0 {
+		e.value = v
+	} else {
+		e.value = e.cfg.Alpha*v + (1-e.cfg.Alpha)*e.value
+	}
+	e.n++
+	return nil
+}
+
+// Forecast implements Model.
+func (e *EWMA) Forecast() (Forecast, bool) {
+	if e.n == 0 {
+		return Forecast{}, false
+	}
+	return Forecast{P50: e.value, Alloc: e.value * (1 + e.cfg.Margin), Samples: e.n}, true
+}
