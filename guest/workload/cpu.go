@@ -20,22 +20,34 @@ type cpuLoad struct {
 	workers atomic.Int64 // how many workers share the load
 	wake    chan struct{}
 
-	mu   sync.Mutex
-	stop []context.CancelFunc
+	mu      sync.Mutex
+	stop    []context.CancelFunc
+	changed chan struct{} // closed and replaced on every Set, to wake idle workers
 }
 
 func newCPULoad(env Env) *cpuLoad {
-	return &cpuLoad{env: env, wake: make(chan struct{}, 1)}
+	return &cpuLoad{env: env, wake: make(chan struct{}, 1), changed: make(chan struct{})}
 }
 
-// Set changes the total load; workers pick it up within one slice.
+// Set changes the total load; busy workers pick it up within one slice,
+// idle ones at once.
 func (c *cpuLoad) Set(percent int) error {
 	c.percent.Store(int64(percent))
+	c.mu.Lock()
+	close(c.changed)
+	c.changed = make(chan struct{})
+	c.mu.Unlock()
 	select {
 	case c.wake <- struct{}{}:
 	default:
 	}
 	return nil
+}
+
+func (c *cpuLoad) changedCh() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.changed
 }
 
 // Run keeps one worker per online CPU until ctx ends.
@@ -78,16 +90,18 @@ func (c *cpuLoad) resize(ctx context.Context, n int) {
 
 func (c *cpuLoad) worker(ctx context.Context) {
 	for ctx.Err() == nil {
+		changed := c.changedCh()
 		n := c.workers.Load()
 		if n < 1 {
 			n = 1
 		}
 		duty := c.percent.Load() / n // percent of this worker's CPU
 		if duty <= 0 {
+			// Idle costs nothing: no polling while the set-point is zero.
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(50 * time.Millisecond):
+			case <-changed:
 			}
 			continue
 		}

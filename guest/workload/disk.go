@@ -86,8 +86,10 @@ func (d *diskLoad) open() error {
 func (d *diskLoad) Run(ctx context.Context) {
 	t := time.NewTicker(ioTick)
 	defer t.Stop()
+	t.Stop() // ticks only while the rate is non-zero
 	var budget int64
-	last := time.Now()
+	var last time.Time
+	active := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -98,9 +100,15 @@ func (d *diskLoad) Run(ctx context.Context) {
 		now := time.Now()
 		rate := d.kib.Load() * 1024 // bytes per second
 		if rate == 0 {
-			budget, last = 0, now
+			budget, active = 0, false
+			t.Stop()
 			continue
 		}
+		if !active {
+			// Start from an empty bucket, not from the time spent idle.
+			last, active = now, true
+		}
+		t.Reset(ioTick)
 		budget += int64(float64(rate) * now.Sub(last).Seconds())
 		last = now
 		if budget > rate {

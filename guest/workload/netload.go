@@ -71,12 +71,14 @@ func (n *netLoad) open() error {
 func (n *netLoad) Run(ctx context.Context) {
 	t := time.NewTicker(netTick)
 	defer t.Stop()
+	t.Stop() // ticks only while the rate is non-zero
 	payload := make([]byte, netPayload)
 	for i := range payload {
 		payload[i] = byte(i)
 	}
 	var budget float64
-	last := time.Now()
+	var last time.Time
+	active := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -87,9 +89,15 @@ func (n *netLoad) Run(ctx context.Context) {
 		now := time.Now()
 		rate := float64(n.kbps.Load()) * 1000 / 8 // bytes per second
 		if rate == 0 {
-			budget, last = 0, now
+			budget, active = 0, false
+			t.Stop()
 			continue
 		}
+		if !active {
+			// Start from an empty bucket, not from the time spent idle.
+			last, active = now, true
+		}
+		t.Reset(netTick)
 		budget += rate * now.Sub(last).Seconds()
 		last = now
 		if budget > rate {

@@ -345,7 +345,7 @@ func (v *VM) waitSocket(ctx context.Context, path string, limit time.Duration) e
 func qemuArgs(cfg Config, v *VM) []string {
 	appendArgs := append([]string{"console=ttyS0", "quiet", "panic=1"}, cfg.KernelArgs...)
 	a := []string{
-		"-name", "guest=" + cfg.Name,
+		"-name", "guest=" + cfg.Name + ",debug-threads=on", // vCPU threads named "CPU N/TCG", as under libvirt
 		"-machine", "q35,accel=tcg",
 		"-cpu", "qemu64",
 		"-smp", fmt.Sprintf("%d,maxcpus=%d", cfg.VCPUs, cfg.MaxVCPUs),
