@@ -69,7 +69,9 @@ func Detect(p Paths) (*Host, error) {
 			}
 			for _, opt := range strings.Split(fields[sep+3], ",") {
 				switch opt {
-				case "rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec":
+				case "rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec",
+					// cgroup v1 mount options that are not controllers
+					"xattr", "noprefix", "clone_children", "cpuset_v2_mode", "favordynmods":
 					continue
 				}
 				if strings.HasPrefix(opt, "name=") || strings.Contains(opt, "=") {
