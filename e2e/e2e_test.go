@@ -178,7 +178,7 @@ func freePort(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func build(t *testing.T, pkg, out string) string {
+func build(t testing.TB, pkg, out string) string {
 	t.Helper()
 	bin := filepath.Join(out, filepath.Base(pkg))
 	cmd := exec.Command("go", "build", "-o", bin, pkg)
