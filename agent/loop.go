@@ -63,6 +63,8 @@ type Deps struct {
 	Board   *status.Board
 	Log     *slog.Logger
 	Now     func() time.Time
+	// Epoch is the leader epoch stamped on every action (fencing token).
+	Epoch uint64
 }
 
 type vmState struct {
@@ -316,7 +318,7 @@ func (l *Loop) decide(vm VM, st *vmState) (executor.Action, bool) {
 		return executor.Action{}, false
 	}
 	return executor.Action{VM: vm.Name, Kind: executor.KindCPUQuota, Group: vm.Group,
-		Millicores: d.Target, Reason: d.Reason}, true
+		Millicores: d.Target, Reason: d.Reason, Epoch: l.d.Epoch}, true
 }
 
 func (l *Loop) forget(name string) {

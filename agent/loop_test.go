@@ -73,7 +73,7 @@ func TestLoopGrowsAndShrinks(t *testing.T) {
 	board := &status.Board{}
 	drm := mapper.New()
 	l, err := New(config.Default(), Deps{
-		VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(h, nil, false, now),
+		VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(h, nil, false, now, "test"),
 		DRM: drm, Board: board, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: now,
 	}, "fake")
 	if err != nil {

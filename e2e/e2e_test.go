@@ -297,6 +297,32 @@ func TestArsdFollowsGuestLoad(t *testing.T) {
 	setLoad(t, v, 0)
 	q, took = waitQuota(t, cpuDir, 30*time.Second, "idle VM lowered", func(q int64) bool { return q <= 30000 })
 	t.Logf("idle again: quota %d after %v", q, took)
+
+	// Every change is in the hash-chained audit log, and arsctl verifies it
+	// — and names the line after a tampered one.
+	logPath := filepath.Join(work, "state", "audit.log")
+	out, err = exec.Command(arsctl, "audit", "verify", "--log", logPath).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "intact") {
+		t.Fatalf("audit verify on arsd's log: %v\n%s", err, out)
+	}
+	t.Logf("%s", out)
+	cmd.Process.Signal(syscall.SIGTERM) // stop writing before tampering
+	<-exited
+	exited <- nil
+	b, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tampered := bytes.Replace(b, []byte(`"after":"20000"`), []byte(`"after":"99999"`), 1)
+	if bytes.Equal(tampered, b) {
+		t.Fatalf("no quota change to the floor in the audit log:\n%s", b)
+	}
+	os.WriteFile(logPath, tampered, 0o600)
+	out, err = exec.Command(arsctl, "audit", "verify", "--log", logPath).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "line") {
+		t.Fatalf("audit verify accepted a tampered log: %v\n%s", err, out)
+	}
+	t.Logf("after tampering: %s", out)
 }
 
 // TestVagrantfileValid runs `vagrant validate` (make deps installs vagrant).

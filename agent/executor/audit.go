@@ -1,59 +1,222 @@
 package executor
 
 import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 )
 
-// Record is one audit line: who changed what, from what to what, and why.
+// Record is one audit line: who changed what, from what to what, why, under
+// which leader epoch, with what result, chained to the line before it.
 type Record struct {
+	Seq    uint64    `json:"seq"`
 	Time   time.Time `json:"time"`
+	Actor  string    `json:"actor"`
 	VM     string    `json:"vm"`
 	Kind   string    `json:"kind"`
 	Target string    `json:"target"`
 	Before string    `json:"before"`
 	After  string    `json:"after"`
 	Reason string    `json:"reason"`
+	Epoch  uint64    `json:"epoch"`
+	Result string    `json:"result"`
 	DryRun bool      `json:"dry_run,omitempty"`
+	// Prev is the hex SHA-256 of the previous line's bytes (without its
+	// newline); GenesisHash for the first line.
+	Prev string `json:"prev"`
 }
 
-// AuditLog is an append-only JSON-lines file (mode 0600, never opened
-// through a symlink). Hash chaining comes with the security issue.
+// GenesisHash is the Prev of the first record.
+var GenesisHash = strings.Repeat("0", 64)
+
+// maxAuditLine bounds one line when reading a log back.
+const maxAuditLine = 64 << 10
+
+// Head is the chain's tip, kept beside the log in <log>.head so that
+// removing whole lines from the end is detected too.
+type Head struct {
+	Seq  uint64 `json:"seq"`
+	Hash string `json:"hash"`
+}
+
+// AuditLog is an append-only, hash-chained JSON-lines file (mode 0600,
+// never opened through a symlink). Each line carries the SHA-256 of the
+// previous one; <path>.head holds the last sequence number and hash,
+// replaced atomically after every append.
 type AuditLog struct {
-	mu sync.Mutex
-	f  *os.File
+	mu   sync.Mutex
+	f    *os.File
+	path string
+	head Head
 }
 
-// OpenAudit opens (creating) the audit log at path.
+// OpenAudit opens (creating) the audit log at path and resumes its chain.
+// A log whose chain does not verify is refused: ARS will not extend a
+// tampered log; the operator moves it aside (the error says which line).
 func OpenAudit(path string) (*AuditLog, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("audit: open %s: %w", path, err)
 	}
-	return &AuditLog{f: f}, nil
+	head, err := VerifyFile(path)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("audit: %s does not verify, refusing to extend it (move it aside to start a new chain): %w", path, err)
+	}
+	return &AuditLog{f: f, path: path, head: head}, nil
 }
 
-// Append writes one record as a single line.
+// Append chains r to the log and writes it as one line. Seq and Prev are
+// set here.
 func (l *AuditLog) Append(r Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r.Seq = l.head.Seq + 1
+	r.Prev = l.head.Hash
 	b, err := json.Marshal(r)
 	if err != nil {
 		return fmt.Errorf("audit: encode: %w", err)
 	}
+	if _, err := l.f.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("audit: write %s: %w", l.path, err)
+	}
+	sum := sha256.Sum256(b)
+	l.head = Head{Seq: r.Seq, Hash: hex.EncodeToString(sum[:])}
+	return writeHead(l.path, l.head)
+}
+
+// Head returns the chain's tip.
+func (l *AuditLog) Head() Head {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if _, err := l.f.Write(append(b, '\n')); err != nil {
-		return fmt.Errorf("audit: write %s: %w", l.f.Name(), err)
-	}
-	return nil
+	return l.head
 }
 
 // Close closes the file.
 func (l *AuditLog) Close() error { return l.f.Close() }
+
+func writeHead(path string, h Head) error {
+	b, _ := json.Marshal(h)
+	tmp := path + ".head.tmp"
+	os.Remove(tmp)
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return fmt.Errorf("audit: head: %w", err)
+	}
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		f.Close()
+		return fmt.Errorf("audit: head: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("audit: head: %w", err)
+	}
+	f.Close()
+	if err := os.Rename(tmp, path+".head"); err != nil {
+		return fmt.Errorf("audit: head: %w", err)
+	}
+	return nil
+}
+
+// VerifyError names the first line that breaks the chain.
+type VerifyError struct {
+	Line   int // 1-based; 0 when the problem is the head file
+	Reason string
+}
+
+func (e *VerifyError) Error() string {
+	if e.Line == 0 {
+		return "audit chain: " + e.Reason
+	}
+	return fmt.Sprintf("audit chain broken at line %d: %s", e.Line, e.Reason)
+}
+
+// Verify reads a log and checks every line's sequence and hash link. It
+// returns the tip of the chain. It does not know about the head file.
+func Verify(r io.Reader) (Head, error) {
+	head := Head{Hash: GenesisHash}
+	br := bufio.NewReaderSize(r, 64<<10)
+	for line := 1; ; line++ {
+		b, err := br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) || len(b) > maxAuditLine {
+			return head, &VerifyError{line, "line longer than 64 KiB"}
+		}
+		if errors.Is(err, io.EOF) {
+			if len(b) > 0 {
+				return head, &VerifyError{line, "truncated: last line has no newline"}
+			}
+			return head, nil
+		}
+		if err != nil {
+			return head, fmt.Errorf("audit: read: %w", err)
+		}
+		b = bytes.TrimSuffix(b, []byte("\n"))
+		var rec Record
+		dec := json.NewDecoder(bytes.NewReader(b))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&rec); err != nil {
+			return head, &VerifyError{line, "not a record: " + err.Error()}
+		}
+		if rec.Seq != head.Seq+1 {
+			return head, &VerifyError{line, fmt.Sprintf("sequence %d after %d (line removed, reordered or inserted)", rec.Seq, head.Seq)}
+		}
+		if rec.Prev != head.Hash {
+			return head, &VerifyError{line, "hash of the previous line does not match (a line before it was edited, removed or reordered)"}
+		}
+		sum := sha256.Sum256(b)
+		head = Head{Seq: rec.Seq, Hash: hex.EncodeToString(sum[:])}
+	}
+}
+
+// VerifyFile verifies the log at path and, when <path>.head exists, that
+// the log ends where the head says (detecting lines cut from the end).
+// A missing log with no head is an empty, valid chain.
+func VerifyFile(path string) (Head, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			if _, herr := os.Stat(path + ".head"); herr == nil {
+				return Head{}, &VerifyError{0, "log missing but its head file exists (log deleted)"}
+			}
+			return Head{Hash: GenesisHash}, nil
+		}
+		return Head{}, fmt.Errorf("audit: %w", err)
+	}
+	defer f.Close()
+	head, err := Verify(f)
+	if err != nil {
+		return head, err
+	}
+	hb, err := os.ReadFile(path + ".head")
+	if errors.Is(err, os.ErrNotExist) {
+		if head.Seq == 0 {
+			return head, nil
+		}
+		return head, &VerifyError{0, "head file " + path + ".head is missing"}
+	}
+	if err != nil {
+		return head, fmt.Errorf("audit: %w", err)
+	}
+	var want Head
+	if err := json.Unmarshal(hb, &want); err != nil {
+		return head, &VerifyError{0, "head file unreadable: " + err.Error()}
+	}
+	if want != head {
+		return head, &VerifyError{int(head.Seq) + 1, fmt.Sprintf("log ends at sequence %d but the head says %d (lines cut from the end, or the head was edited)", head.Seq, want.Seq)}
+	}
+	return head, nil
+}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io/fs"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/ars-dev/ars/agent/cgroups"
@@ -46,6 +47,9 @@ type Action struct {
 	Group      cgroups.Group
 	Millicores int64
 	Reason     string
+	// Epoch is the fencing token of the leader that planned the action; an
+	// action older than the executor's epoch is refused.
+	Epoch uint64
 }
 
 // Outcome says what became of an action.
@@ -53,10 +57,11 @@ type Outcome string
 
 // Outcomes.
 const (
-	Applied   Outcome = "applied"   // written
-	Unchanged Outcome = "unchanged" // already at the value; nothing written
-	DryRun    Outcome = "dry_run"   // would have written
-	Vanished  Outcome = "vanished"  // the cgroup is gone (VM exited)
+	Applied   Outcome = "applied"     // written
+	Unchanged Outcome = "unchanged"   // already at the value; nothing written
+	DryRun    Outcome = "dry_run"     // would have written
+	Vanished  Outcome = "vanished"    // the cgroup is gone (VM exited)
+	Stale     Outcome = "stale_epoch" // planned under an older leader epoch; refused
 	Failed    Outcome = "failed"
 )
 
@@ -76,11 +81,33 @@ type Executor struct {
 	audit  *AuditLog
 	dryRun bool
 	now    func() time.Time
+	actor  string
+
+	mu    sync.Mutex
+	epoch uint64
 }
 
-// New returns an executor. audit may be nil only in tests.
-func New(cg CgroupCPU, audit *AuditLog, dryRun bool, now func() time.Time) *Executor {
-	return &Executor{cg: cg, audit: audit, dryRun: dryRun, now: now}
+// New returns an executor. audit may be nil only in tests. actor names
+// the writer in audit records (e.g. "arsd[pid]").
+func New(cg CgroupCPU, audit *AuditLog, dryRun bool, now func() time.Time, actor string) *Executor {
+	return &Executor{cg: cg, audit: audit, dryRun: dryRun, now: now, actor: actor}
+}
+
+// SetEpoch raises the executor's epoch (the fencing token); it never
+// lowers it. Actions planned under an older epoch are refused from then on.
+func (e *Executor) SetEpoch(epoch uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if epoch > e.epoch {
+		e.epoch = epoch
+	}
+}
+
+// Epoch returns the current epoch.
+func (e *Executor) Epoch() uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.epoch
 }
 
 // QuotaFor converts millicores to a CFS quota for period (minimum 1 ms,
@@ -113,6 +140,11 @@ func (e *Executor) apply(a Action) Result {
 		r.Outcome, r.Err = Failed, fmt.Errorf("executor: unknown action kind %q", a.Kind)
 		return r
 	}
+	if cur := e.Epoch(); a.Epoch < cur {
+		r.Outcome, r.Err = Stale, fmt.Errorf("executor: %s %s: epoch %d is older than %d; refused", a.VM, a.Kind, a.Epoch, cur)
+		e.record(r, "", "") // the refusal error stands; an audit failure adds nothing
+		return r
+	}
 	if a.Millicores <= 0 {
 		r.Outcome, r.Err = Failed, fmt.Errorf("executor: %s: refusing non-positive CPU allocation %d", a.VM, a.Millicores)
 		return r
@@ -135,18 +167,27 @@ func (e *Executor) apply(a Action) Result {
 	} else {
 		r.Outcome = Applied
 	}
-	if e.audit != nil {
-		rec := Record{
-			Time: e.now().UTC(), VM: a.VM, Kind: string(a.Kind), Target: a.Group.CPU,
-			Before: strconv.FormatInt(before, 10), After: strconv.FormatInt(want, 10),
-			Reason: a.Reason, DryRun: e.dryRun,
-		}
-		if err := e.audit.Append(rec); err != nil {
-			// The write happened; the audit failure is reported, not hidden.
-			r.Err = fmt.Errorf("executor: audit: %w", err)
-		}
+	if err := e.record(r, strconv.FormatInt(before, 10), strconv.FormatInt(want, 10)); err != nil {
+		r.Err = err // the write happened; the audit failure is reported, not hidden
 	}
 	return r
+}
+
+// record appends the audit line of a change or a refusal.
+func (e *Executor) record(r Result, before, after string) error {
+	if e.audit == nil {
+		return nil
+	}
+	a := r.Action
+	rec := Record{
+		Time: e.now().UTC(), Actor: e.actor, VM: a.VM, Kind: string(a.Kind), Target: a.Group.CPU,
+		Before: before, After: after, Reason: a.Reason, Epoch: a.Epoch, Result: string(r.Outcome),
+		DryRun: e.dryRun,
+	}
+	if err := e.audit.Append(rec); err != nil {
+		return fmt.Errorf("executor: audit: %w", err)
+	}
+	return nil
 }
 
 func (e *Executor) failed(r Result, err error) Result {

@@ -67,7 +67,7 @@ func TestApplyWritesOnlyChanges(t *testing.T) {
 	defer audit.Close()
 	cg := &fakeCG{quota: map[string]int64{"/a": -1, "/b": 50000}}
 	now := func() time.Time { return time.Unix(100, 0) }
-	ex := New(cg, audit, false, now)
+	ex := New(cg, audit, false, now, "test")
 	res := ex.Apply(context.Background(), []Action{
 		{VM: "a", Kind: KindCPUQuota, Group: cgroups.Group{CPU: "/a"}, Millicores: 250, Reason: "grow"},
 		{VM: "b", Kind: KindCPUQuota, Group: cgroups.Group{CPU: "/b"}, Millicores: 500, Reason: "same"},
@@ -85,7 +85,8 @@ func TestApplyWritesOnlyChanges(t *testing.T) {
 		t.Fatalf("quota /a = %d after %d writes, want 25000 after 1", cg.quota["/a"], cg.writes)
 	}
 	recs := readAudit(t, filepath.Join(dir, "audit.log"))
-	if len(recs) != 1 || recs[0].VM != "a" || recs[0].Before != "-1" || recs[0].After != "25000" || recs[0].Reason != "grow" {
+	if len(recs) != 1 || recs[0].VM != "a" || recs[0].Before != "-1" || recs[0].After != "25000" || recs[0].Reason != "grow" ||
+		recs[0].Result != "applied" || recs[0].Actor != "test" || recs[0].Seq != 1 || recs[0].Prev != GenesisHash {
 		t.Fatalf("audit = %+v", recs)
 	}
 	st, _ := os.Stat(filepath.Join(dir, "audit.log"))
@@ -96,7 +97,7 @@ func TestApplyWritesOnlyChanges(t *testing.T) {
 
 func TestDryRunWritesNothing(t *testing.T) {
 	cg := &fakeCG{quota: map[string]int64{"/a": -1}}
-	ex := New(cg, nil, true, time.Now)
+	ex := New(cg, nil, true, time.Now, "test")
 	r := ex.Apply(context.Background(), []Action{{VM: "a", Kind: KindCPUQuota, Group: cgroups.Group{CPU: "/a"}, Millicores: 300}})
 	if r[0].Outcome != DryRun || cg.writes != 0 || r[0].AfterQuotaUs != 30000 {
 		t.Fatalf("dry run: %+v writes=%d", r[0], cg.writes)
@@ -105,7 +106,7 @@ func TestDryRunWritesNothing(t *testing.T) {
 
 func TestApplyReadError(t *testing.T) {
 	cg := &fakeCG{err: errors.New("EIO")}
-	ex := New(cg, nil, false, time.Now)
+	ex := New(cg, nil, false, time.Now, "test")
 	r := ex.Apply(context.Background(), []Action{{VM: "a", Kind: KindCPUQuota, Millicores: 300}})
 	if r[0].Outcome != Failed || r[0].Err == nil {
 		t.Fatalf("got %+v", r[0])
@@ -157,7 +158,7 @@ func TestRealCgroupQuota(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer audit.Close()
-	ex := New(Cgroups{}, audit, false, time.Now)
+	ex := New(Cgroups{}, audit, false, time.Now, "test")
 	r := ex.Apply(context.Background(), []Action{{VM: "t", Kind: KindCPUQuota, Group: g, Millicores: 350, Reason: "test"}})
 	if r[0].Outcome != Applied {
 		t.Fatalf("apply: %+v", r[0])

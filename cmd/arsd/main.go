@@ -138,10 +138,13 @@ func run() error {
 	}
 	src := agent.WatcherSource{W: discovery.NewWatcher(cfg.QMPDir, host, discovery.Options{})}
 	defer src.Close()
+	// One agent per host until active/standby exists: it runs at epoch 1.
+	const epoch = 1
+	exec := executor.New(executor.Cgroups{}, audit, cfg.DryRun, time.Now, fmt.Sprintf("arsd[%d]", os.Getpid()))
+	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
-		VMs: src, Runq: runq, ReadCPU: cgroups.ReadCPU,
-		Exec: executor.New(executor.Cgroups{}, audit, cfg.DryRun, time.Now),
-		DRM:  drm, Board: board, Log: log, Now: time.Now,
+		VMs: src, Runq: runq, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch,
+		DRM: drm, Board: board, Log: log, Now: time.Now,
 	}, telemetryState)
 	if err != nil {
 		return err
