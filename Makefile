@@ -13,7 +13,7 @@ DEB_PKGS := qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 procps 
             clang llvm libbpf-dev bpftool stress-ng vagrant ca-certificates
 TEST_FLAGS ?= -count=1 -p 1 -timeout 30m
 
-.PHONY: all build deps guest generate check-generate vmlinux test unit bench demo clean
+.PHONY: all build deps guest generate check-generate vmlinux test unit bench bench-bpf demo clean
 
 all: build
 
@@ -58,6 +58,13 @@ test: deps guest
 
 bench: deps guest
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
+
+# eBPF cost per event, ARS's programs next to a textbook runqlat, side by
+# side under stress-ng --switch (root; see docs/BENCHMARKS.md). The last
+# line is the untracked-load summary: bpf ns/event ars=.. reference=.. ratio=..
+bench-bpf:
+	@command -v stress-ng >/dev/null || $(MAKE) --no-print-directory deps
+	$(GO) run ./agent/telemetry/benchref $(BENCH_BPF_FLAGS)
 
 demo: deps guest build
 	@$(BIN)/ars-demo --arsd $(BIN)/arsd --guest $(GUEST)

@@ -65,6 +65,19 @@ type Deps struct {
 	Now     func() time.Time
 	// Epoch is the leader epoch stamped on every action (fencing token).
 	Epoch uint64
+	// Wake, when not nil, runs a tick early (telemetry spikes); wake-ups
+	// closer than MinWakeInterval to the last tick are deferred to it.
+	Wake <-chan struct{}
+}
+
+// MinWakeInterval bounds how often early wake-ups can tick.
+const MinWakeInterval = 200 * time.Millisecond
+
+// VMTracker is implemented by telemetry that also follows whole VMs (page
+// faults and block I/O of the QEMU process, tap counters).
+type VMTracker interface {
+	TrackVM(vmSlot uint32, vm telemetry.VMRef) error
+	UntrackVM(vmSlot uint32) error
 }
 
 type vmState struct {
@@ -87,6 +100,7 @@ type Loop struct {
 	nextSlot       uint32
 	tick           uint64
 	actions        map[string]uint64
+	wakeups        uint64
 	telemetryState string
 }
 
@@ -101,16 +115,26 @@ func New(cfg config.Config, d Deps, telemetryState string) (*Loop, error) {
 		actions: map[string]uint64{}, telemetryState: telemetryState}, nil
 }
 
-// Run ticks every cfg.Tick until ctx is done.
+// Run ticks every cfg.Tick, and early on a wake-up, until ctx is done.
 func (l *Loop) Run(ctx context.Context) error {
 	t := time.NewTicker(l.cfg.Tick)
 	defer t.Stop()
 	for {
 		l.Tick(ctx)
+		last := l.d.Now()
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+		case <-l.d.Wake:
+			l.wakeups++
+			if d := MinWakeInterval - l.d.Now().Sub(last); d > 0 {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-time.After(d):
+				}
+			}
 		}
 	}
 }
@@ -194,6 +218,7 @@ func (l *Loop) Tick(ctx context.Context) {
 		snap.Actions[k] = v
 	}
 	snap.Generation = l.d.DRM.Snapshot().Generation
+	snap.Wakeups = l.wakeups
 	l.d.Board.Publish(snap)
 }
 
@@ -201,13 +226,18 @@ func (l *Loop) Tick(ctx context.Context) {
 func (l *Loop) observe(vm VM, runq map[uint32]telemetry.VCPUStats) (*vmState, error) {
 	st, ok := l.vms[vm.Name]
 	if !ok {
-		m, err := predictor.NewEWMA(l.cfg.Predictor)
+		m, err := predictor.New(l.cfg.Predictor, l.cfg.Tick)
 		if err != nil {
 			return nil, err
 		}
 		st = &vmState{slot: l.nextSlot, model: m, tids: map[uint32]bool{}, prevRunq: map[uint32]telemetry.VCPUStats{}}
 		l.nextSlot++
 		l.vms[vm.Name] = st
+		if t, ok := l.d.Runq.(VMTracker); ok && l.d.Runq != nil {
+			if err := t.TrackVM(st.slot, telemetry.VMRef{Name: vm.Name, PID: vm.PID}); err != nil {
+				l.d.Log.Warn("track vm", "vm", vm.Name, "err", err)
+			}
+		}
 		l.d.Log.Info("vm discovered", "vm", vm.Name, "pid", vm.PID, "vcpus", len(vm.VCPUs), "cgroup", vm.Group.CPU)
 	}
 	sla := l.cfg.SLAFor(vm.Name)
@@ -326,6 +356,9 @@ func (l *Loop) forget(name string) {
 	if l.d.Runq != nil {
 		for tid := range st.tids {
 			l.d.Runq.Untrack(tid)
+		}
+		if t, ok := l.d.Runq.(VMTracker); ok {
+			t.UntrackVM(st.slot)
 		}
 	}
 	l.engine.Forget(name)

@@ -72,7 +72,12 @@ func TestLoopGrowsAndShrinks(t *testing.T) {
 	rq := &fakeRunq{tracked: map[uint32]uint32{}, stats: map[uint32]telemetry.VCPUStats{}}
 	board := &status.Board{}
 	drm := mapper.New()
-	l, err := New(config.Default(), Deps{
+	cfg := config.Default()
+	// This test checks the loop's mechanics (grow within 5 ticks, shrink
+	// within 10) against the plain EWMA; the calibrated "ars" default keeps
+	// headroom after a burst for longer by design (see predictor's tests).
+	cfg.Predictor.Model = "ewma"
+	l, err := New(cfg, Deps{
 		VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(h, nil, false, now, "test"),
 		DRM: drm, Board: board, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: now,
 	}, "fake")
@@ -132,5 +137,53 @@ func TestLoopGrowsAndShrinks(t *testing.T) {
 	l.Tick(context.Background())
 	if len(rq.tracked) != 0 || len(drm.Names()) != 0 {
 		t.Fatalf("gone VM still tracked %v / mapped %v", rq.tracked, drm.Names())
+	}
+}
+
+type fakeVMRunq struct {
+	fakeRunq
+	vms map[uint32]string
+}
+
+func (r *fakeVMRunq) TrackVM(slot uint32, vm telemetry.VMRef) error { r.vms[slot] = vm.Name; return nil }
+func (r *fakeVMRunq) UntrackVM(slot uint32) error                   { delete(r.vms, slot); return nil }
+
+func TestLoopTracksVMsAndWakesEarly(t *testing.T) {
+	h := &fakeHost{want: 50, quotaUs: -1}
+	vms := &fakeVMs{vms: []VM{{Name: "a", PID: 10, VCPUs: []mapper.VCPU{{Index: 0, TID: 11}}}}}
+	rq := &fakeVMRunq{fakeRunq: fakeRunq{tracked: map[uint32]uint32{}, stats: map[uint32]telemetry.VCPUStats{}}, vms: map[uint32]string{}}
+	wake := make(chan struct{}, 1)
+	board := &status.Board{}
+	cfg := config.Default()
+	cfg.Tick = time.Hour // only wake-ups tick
+	l, err := New(cfg, Deps{VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(h, nil, false, time.Now, "test"),
+		DRM: mapper.New(), Board: board, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: time.Now, Wake: wake}, "fake")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { l.Run(ctx); close(done) }()
+	for i := 0; i < 3; i++ {
+		wake <- struct{}{}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for board.Latest().Wakeups < 3 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(2 * MinWakeInterval) // let the third wake-up's tick finish
+	s := board.Latest()
+	cancel()
+	<-done
+	if s.Wakeups != 3 || s.Tick < 3 {
+		t.Fatalf("after 3 wake-ups: wakeups %d, ticks %d (tick period 1h)", s.Wakeups, s.Tick)
+	}
+	if rq.vms[0] != "a" {
+		t.Fatalf("VM not tracked by telemetry: %v", rq.vms)
+	}
+	vms.vms = nil
+	l.Tick(context.Background())
+	if len(rq.vms) != 0 {
+		t.Fatalf("gone VM still tracked: %v", rq.vms)
 	}
 }

@@ -66,8 +66,27 @@ enum runqlat_err {
 	RUNQLAT_ERR_NO_STATE = 0, // tracked tid without state entry
 	RUNQLAT_ERR_NO_STATS = 1, // tracked tid without stats entry
 	RUNQLAT_ERR_CLOCK = 2,    // switch-in earlier than wait start (dropped)
-	RUNQLAT_ERR_MAX = 3,
+	RUNQLAT_ERR_RINGBUF = 3,  // spike event dropped: ring buffer full
+	RUNQLAT_ERR_MAX = 4,
 };
+
+// A run-queue delay of a tracked thread at or above spike_threshold_ns,
+// sent through the spikes ring buffer so the agent can act before its
+// next tick.
+struct spike_event {
+	__u64 ts_ns;    // switch-in, bpf_ktime_get_ns (CLOCK_MONOTONIC)
+	__u64 delay_ns;
+	__u32 tid;
+	__u32 vm_slot;
+	__u32 vcpu_slot;
+	__u32 pad;
+};
+
+// Makes the type visible in BTF for bpf2go's -type.
+const struct spike_event *unused_spike_event __attribute__((unused));
+
+// Set by the agent at run time (SetSpikeThreshold); 0 disables spikes.
+volatile __u64 spike_threshold_ns = 0;
 
 // Input of the BPF_PROG_TEST_RUN program test_hist_slot.
 struct hist_slot_test {
@@ -105,6 +124,11 @@ struct {
 	__type(key, __u32);
 	__type(value, struct vcpu_stats);
 } stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} spikes SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -152,39 +176,48 @@ static __always_inline int lookup_tracked(__u32 tid, struct thread_state **st,
 	return 1;
 }
 
-static __always_inline void on_wakeup(struct task_struct *p)
+// clock_or returns fixed when set (BPF_PROG_TEST_RUN drives the logic with
+// chosen times), else the clock. The attached programs pass a constant 0,
+// so the branch folds away.
+static __always_inline __u64 clock_or(__u64 fixed)
 {
-	__u32 tid = p->pid;
+	return fixed ? fixed : bpf_ktime_get_ns();
+}
+
+// handle_wakeup returns 0 for an untracked tid, before any clock read or
+// map write, 1 otherwise.
+static __always_inline int handle_wakeup(__u32 tid, __u64 fixed_now)
+{
 	struct thread_state *st;
 	struct vcpu_stats *vs;
 
 	if (!bpf_map_lookup_elem(&tracked, &tid))
-		return; // untracked: nothing read, nothing written
+		return 0; // untracked: nothing read, nothing written
 	if (!lookup_tracked(tid, &st, &vs))
-		return;
+		return 1;
 	// Keep the earliest start, as schedstat does (a wakeup of a task that
 	// is already queued does not restart its wait).
 	if (!st->enqueued_ns)
-		st->enqueued_ns = bpf_ktime_get_ns();
+		st->enqueued_ns = clock_or(fixed_now);
 	vs->wakeups++;
+	return 1;
 }
 
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(runqlat_wakeup, struct task_struct *p)
 {
-	on_wakeup(p);
+	handle_wakeup(p->pid, 0);
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(runqlat_wakeup_new, struct task_struct *p)
 {
-	on_wakeup(p);
+	handle_wakeup(p->pid, 0);
 	return 0;
 }
 
-static __always_inline void switch_out(struct task_struct *prev, __u32 tid,
-				       bool preempt, __u64 now)
+static __always_inline void switch_out(__u32 tid, bool preempt, long run_state, __u64 now)
 {
 	struct thread_state *st;
 	struct vcpu_stats *vs;
@@ -195,13 +228,33 @@ static __always_inline void switch_out(struct task_struct *prev, __u32 tid,
 		vs->oncpu_ns += now - st->oncpu_since_ns;
 	st->oncpu_since_ns = 0;
 
-	long run_state = task_run_state(prev);
 	// Counted like the kernel's nivcsw: preempted, or still runnable.
 	if (preempt || run_state == TASK_RUNNING)
 		vs->involuntary++;
 	// Still TASK_RUNNING: it stays queued and its wait starts now.
 	// Otherwise it blocks; a later wakeup starts the wait.
 	st->enqueued_ns = run_state == TASK_RUNNING ? now : 0;
+}
+
+static __noinline void emit_spike(__u32 tid, __u64 delay, __u64 now)
+{
+	struct tracked_vcpu *tv = bpf_map_lookup_elem(&tracked, &tid);
+	struct spike_event *e;
+
+	if (!tv)
+		return;
+	e = bpf_ringbuf_reserve(&spikes, sizeof(*e), 0);
+	if (!e) {
+		count_error(RUNQLAT_ERR_RINGBUF);
+		return;
+	}
+	e->ts_ns = now;
+	e->delay_ns = delay;
+	e->tid = tid;
+	e->vm_slot = tv->vm_slot;
+	e->vcpu_slot = tv->vcpu_slot;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
 }
 
 static __always_inline void switch_in(__u32 tid, __u64 now)
@@ -226,26 +279,63 @@ static __always_inline void switch_in(__u32 tid, __u64 now)
 	vs->run_delay_ns += delay;
 	vs->count++;
 	vs->hist[hist_slot(delay)]++;
+
+	__u64 threshold = spike_threshold_ns;
+	if (threshold && delay >= threshold)
+		emit_spike(tid, delay, now);
 }
 
-SEC("tp_btf/sched_switch")
-int BPF_PROG(runqlat_switch, bool preempt, struct task_struct *prev,
-	     struct task_struct *next)
+// handle_switch returns 0 when neither task is tracked, before any clock
+// read, task read or map write; 1 otherwise. prev is the outgoing task
+// (its run state is read only when it is tracked); without it (tests)
+// prev_state is used.
+static __always_inline int handle_switch(bool preempt, __u32 prev_tid, struct task_struct *prev,
+					 long prev_state, __u32 next_tid, __u64 fixed_now)
 {
-	__u32 prev_tid = prev->pid;
-	__u32 next_tid = next->pid;
 	bool prev_tracked = prev_tid && bpf_map_lookup_elem(&tracked, &prev_tid);
 	bool next_tracked = next_tid && bpf_map_lookup_elem(&tracked, &next_tid);
 
 	if (!prev_tracked && !next_tracked)
 		return 0; // untracked: nothing read, nothing written
 
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = clock_or(fixed_now);
 	if (prev_tracked)
-		switch_out(prev, prev_tid, preempt, now);
+		switch_out(prev_tid, preempt, prev ? task_run_state(prev) : prev_state, now);
 	if (next_tracked)
 		switch_in(next_tid, now);
+	return 1;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(runqlat_switch, bool preempt, struct task_struct *prev,
+	     struct task_struct *next)
+{
+	handle_switch(preempt, prev->pid, prev, 0, next->pid, 0);
 	return 0;
+}
+
+// Input of the BPF_PROG_TEST_RUN program test_sched: one scheduler event
+// at a chosen time.
+struct sched_test {
+	__u64 now_ns;     // event time, > 0
+	__u32 op;         // 0 wakeup of tid, 1 switch prev_tid -> next_tid
+	__u32 tid;
+	__u32 prev_tid;
+	__u32 next_tid;
+	__s32 prev_state; // 0 TASK_RUNNING (preempted), else blocking
+	__u32 preempt;
+};
+
+// test_sched drives the programs' logic (handle_wakeup, handle_switch) on
+// the real maps through BPF_PROG_TEST_RUN; it returns what they return
+// (0: early exit for untracked tasks). Never attached, not loaded by the
+// agent.
+SEC("syscall")
+int test_sched(struct sched_test *ctx)
+{
+	if (ctx->op == 0)
+		return handle_wakeup(ctx->tid, ctx->now_ns);
+	return handle_switch(ctx->preempt, ctx->prev_tid, 0, ctx->prev_state, ctx->next_tid, ctx->now_ns);
 }
 
 // test_hist_slot exposes hist_slot to BPF_PROG_TEST_RUN; it is never

@@ -12,10 +12,13 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/ars-dev/ars/agent/telemetry"
 	"github.com/ars-dev/ars/predictor"
 	"github.com/ars-dev/ars/synthesizer"
 )
@@ -37,7 +40,7 @@ type Config struct {
 	// Telemetry switches eBPF programs.
 	Telemetry Telemetry `yaml:"telemetry"`
 	// Predictor configures the forecasting model.
-	Predictor predictor.EWMAConfig `yaml:"predictor"`
+	Predictor predictor.Config `yaml:"predictor"`
 	// Synthesizer tunes hysteresis and granularity.
 	Synthesizer synthesizer.Config `yaml:"synthesizer"`
 	// DefaultSLA applies to VMs not listed in VMs.
@@ -46,10 +49,30 @@ type Config struct {
 	VMs map[string]synthesizer.SLA `yaml:"vms"`
 }
 
-// Telemetry configures the eBPF layer.
+// Telemetry configures the eBPF layer (agent/telemetry).
 type Telemetry struct {
-	// Runqlat enables the run-queue delay program.
-	Runqlat bool `yaml:"runqlat"`
+	// Disable names probes not to load: sched, faults, blockio, kvmexit.
+	Disable []string `yaml:"disable"`
+	// SpikeThreshold: a vCPU run-queue delay at or above it wakes the
+	// control loop before its next tick; 0 turns spike events off.
+	SpikeThreshold time.Duration `yaml:"spikeThreshold"`
+	// ProgramStats turns on the kernel's BPF run-time statistics so the
+	// metrics carry each program's run count and time (≈20 ns per run of
+	// every BPF program on the host while on).
+	ProgramStats bool `yaml:"programStats"`
+}
+
+// Validate checks probe names and ranges.
+func (t Telemetry) Validate() error {
+	for _, d := range t.Disable {
+		if !slices.Contains(telemetry.Probes, d) {
+			return fmt.Errorf("telemetry.disable: unknown probe %q (known: %s)", d, strings.Join(telemetry.Probes, ", "))
+		}
+	}
+	if t.SpikeThreshold < 0 || t.SpikeThreshold > 10*time.Second {
+		return fmt.Errorf("telemetry.spikeThreshold must be in [0, 10s], got %v", t.SpikeThreshold)
+	}
+	return nil
 }
 
 // Default returns the embedded defaults: everything arsd needs to run on a
@@ -61,8 +84,8 @@ func Default() Config {
 		MetricsAddr:   ":9464",
 		StateDir:      "/var/lib/ars",
 		Tick:          time.Second,
-		Telemetry:     Telemetry{Runqlat: true},
-		Predictor:     predictor.DefaultEWMAConfig(),
+		Telemetry:     Telemetry{SpikeThreshold: 50 * time.Millisecond, ProgramStats: true},
+		Predictor:     predictor.DefaultConfig(),
 		Synthesizer:   synthesizer.DefaultConfig(),
 		DefaultSLA:    synthesizer.DefaultSLA(),
 		VMs:           map[string]synthesizer.SLA{},
@@ -144,6 +167,9 @@ func (c Config) Validate() error {
 	}
 	if c.Tick < 100*time.Millisecond || c.Tick > time.Minute {
 		errs = append(errs, fmt.Errorf("tick must be in [100ms, 1m], got %v", c.Tick))
+	}
+	if err := c.Telemetry.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := c.Predictor.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("predictor: %w", err))

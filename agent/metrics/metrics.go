@@ -94,11 +94,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	g(buildDesc, 1, Version, runtime.Version())
 }
 
-// Handler returns an HTTP handler serving the collector plus Go and
-// process metrics, on a registry of its own.
-func Handler(board *status.Board) http.Handler {
+// Handler returns an HTTP handler serving the collector, the extra
+// collectors (e.g. the eBPF telemetry's) and Go and process metrics, on a
+// registry of its own.
+func Handler(board *status.Board, extra ...prometheus.Collector) http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewCollector(board), collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(extra...)
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
 }

@@ -42,6 +42,8 @@ type Snapshot struct {
 	Actions    map[string]uint64 `json:"actions"` // "kind/outcome" → count
 	Telemetry  string            `json:"telemetry"`
 	Generation uint64            `json:"generation"`
+	// Wakeups counts ticks run early on a run-queue delay spike.
+	Wakeups uint64 `json:"wakeups"`
 }
 
 // Board holds the latest snapshot for concurrent readers.

@@ -5,6 +5,7 @@ package telemetry
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -19,8 +20,14 @@ import (
 type Runqlat struct {
 	maps  runqlatMaps
 	progs runqlatAttached
+	vars  runqlatVars
 	links []link.Link
 	ncpu  int
+}
+
+// runqlatVars are the globals the agent sets at run time.
+type runqlatVars struct {
+	SpikeThresholdNs *ebpf.Variable `ebpf:"spike_threshold_ns"`
 }
 
 // runqlatAttached are the programs the agent attaches; the test programs in
@@ -59,11 +66,12 @@ func LoadRunqlat() (*Runqlat, error) {
 	var objs struct {
 		runqlatMaps
 		runqlatAttached
+		runqlatVars
 	}
 	if err := spec.LoadAndAssign(&objs, nil); err != nil {
 		return nil, fmt.Errorf("runqlat: load: %w", verifierDetail(err))
 	}
-	r.maps, r.progs = objs.runqlatMaps, objs.runqlatAttached
+	r.maps, r.progs, r.vars = objs.runqlatMaps, objs.runqlatAttached, objs.runqlatVars
 	for _, p := range []struct {
 		name string
 		prog *ebpf.Program
@@ -135,6 +143,16 @@ func (r *Runqlat) Untrack(tid uint32) error {
 // the change over a tick. OnCPUNs includes the slice in progress; a wait in
 // progress is counted when it ends, as the kernel's schedstat does.
 func (r *Runqlat) Read() (map[uint32]VCPUStats, error) {
+	out, err := r.readStats()
+	if err != nil {
+		return nil, err
+	}
+	return r.addSliceInProgress(out)
+}
+
+// readStats is the stats map summed over CPUs: on-CPU time up to each
+// thread's last switch-out.
+func (r *Runqlat) readStats() (map[uint32]VCPUStats, error) {
 	out := make(map[uint32]VCPUStats)
 	var (
 		tid    uint32
@@ -151,6 +169,11 @@ func (r *Runqlat) Read() (map[uint32]VCPUStats, error) {
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("runqlat: read stats: %w", err)
 	}
+	return out, nil
+}
+
+func (r *Runqlat) addSliceInProgress(out map[uint32]VCPUStats) (map[uint32]VCPUStats, error) {
+	var tid uint32
 	// A thread's on-CPU time reaches stats at switch-out; add the slice in
 	// progress so a thread that holds a CPU for the whole tick is not
 	// reported idle. Read after stats: a switch-out in between then moves
@@ -195,6 +218,7 @@ func (r *Runqlat) Errors() (RunqlatErrors, error) {
 		errNoState: &e.NoState,
 		errNoStats: &e.NoStats,
 		errClock:   &e.Clock,
+		errRingbuf: &e.Ringbuf,
 	} {
 		var percpu []uint64
 		if err := r.maps.Errors.Lookup(kind, &percpu); err != nil {
@@ -237,4 +261,27 @@ func (r *Runqlat) Sample(procRoot string, tids []uint32) (Sample, error) {
 		s.Kernel[tid] = k
 	}
 	return s, nil
+}
+
+// Programs returns the attached programs by attach point, for run-time
+// statistics (ebpf.EnableStats, Program.Stats).
+func (r *Runqlat) Programs() map[string]*ebpf.Program {
+	return map[string]*ebpf.Program{
+		"sched_switch":     r.progs.Switch,
+		"sched_wakeup":     r.progs.Wakeup,
+		"sched_wakeup_new": r.progs.WakeupNew,
+	}
+}
+
+// SetSpikeThreshold makes every run-queue delay of a tracked thread at or
+// above d a Spike event (see Spikes); 0 turns spike events off (the
+// default). It takes effect immediately, without reloading.
+func (r *Runqlat) SetSpikeThreshold(d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("runqlat: negative spike threshold %v", d)
+	}
+	if err := r.vars.SpikeThresholdNs.Set(uint64(d.Nanoseconds())); err != nil {
+		return fmt.Errorf("runqlat: set spike threshold: %w", err)
+	}
+	return nil
 }

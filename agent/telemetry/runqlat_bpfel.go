@@ -18,6 +18,27 @@ type runqlatHistSlotTest struct {
 	DelayNs uint64
 }
 
+type runqlatSchedTest struct {
+	_         structs.HostLayout
+	NowNs     uint64
+	Op        uint32
+	Tid       uint32
+	PrevTid   uint32
+	NextTid   uint32
+	PrevState int32
+	Preempt   uint32
+}
+
+type runqlatSpikeEvent struct {
+	_        structs.HostLayout
+	TsNs     uint64
+	DelayNs  uint64
+	Tid      uint32
+	VmSlot   uint32
+	VcpuSlot uint32
+	Pad      uint32
+}
+
 type runqlatThreadState struct {
 	_            structs.HostLayout
 	EnqueuedNs   uint64
@@ -45,6 +66,7 @@ type runqlatVcpuStats struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	runqlatMapErrors            = "errors"
+	runqlatMapSpikes            = "spikes"
 	runqlatMapState             = "state"
 	runqlatMapStats             = "stats"
 	runqlatMapTracked           = "tracked"
@@ -53,6 +75,9 @@ const (
 	runqlatProgRunqlatWakeupNew = "runqlat_wakeup_new"
 	runqlatProgTestEmptySwitch  = "test_empty_switch"
 	runqlatProgTestHistSlot     = "test_hist_slot"
+	runqlatProgTestSched        = "test_sched"
+	runqlatVarSpikeThresholdNs  = "spike_threshold_ns"
+	runqlatVarUnusedSpikeEvent  = "unused_spike_event"
 )
 
 // loadRunqlat returns the embedded CollectionSpec for runqlat.
@@ -102,6 +127,7 @@ type runqlatProgramSpecs struct {
 	RunqlatWakeupNew *ebpf.ProgramSpec `ebpf:"runqlat_wakeup_new"`
 	TestEmptySwitch  *ebpf.ProgramSpec `ebpf:"test_empty_switch"`
 	TestHistSlot     *ebpf.ProgramSpec `ebpf:"test_hist_slot"`
+	TestSched        *ebpf.ProgramSpec `ebpf:"test_sched"`
 }
 
 // runqlatMapSpecs contains maps before they are loaded into the kernel.
@@ -109,6 +135,7 @@ type runqlatProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type runqlatMapSpecs struct {
 	Errors  *ebpf.MapSpec `ebpf:"errors"`
+	Spikes  *ebpf.MapSpec `ebpf:"spikes"`
 	State   *ebpf.MapSpec `ebpf:"state"`
 	Stats   *ebpf.MapSpec `ebpf:"stats"`
 	Tracked *ebpf.MapSpec `ebpf:"tracked"`
@@ -118,6 +145,8 @@ type runqlatMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type runqlatVariableSpecs struct {
+	SpikeThresholdNs *ebpf.VariableSpec `ebpf:"spike_threshold_ns"`
+	UnusedSpikeEvent *ebpf.VariableSpec `ebpf:"unused_spike_event"`
 }
 
 // runqlatObjects contains all objects after they have been loaded into the kernel.
@@ -141,6 +170,7 @@ func (o *runqlatObjects) Close() error {
 // It can be passed to loadRunqlatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type runqlatMaps struct {
 	Errors  *ebpf.Map `ebpf:"errors"`
+	Spikes  *ebpf.Map `ebpf:"spikes"`
 	State   *ebpf.Map `ebpf:"state"`
 	Stats   *ebpf.Map `ebpf:"stats"`
 	Tracked *ebpf.Map `ebpf:"tracked"`
@@ -149,6 +179,7 @@ type runqlatMaps struct {
 func (m *runqlatMaps) Close() error {
 	return _RunqlatClose(
 		m.Errors,
+		m.Spikes,
 		m.State,
 		m.Stats,
 		m.Tracked,
@@ -159,6 +190,8 @@ func (m *runqlatMaps) Close() error {
 //
 // It can be passed to loadRunqlatObjects or ebpf.CollectionSpec.LoadAndAssign.
 type runqlatVariables struct {
+	SpikeThresholdNs *ebpf.Variable `ebpf:"spike_threshold_ns"`
+	UnusedSpikeEvent *ebpf.Variable `ebpf:"unused_spike_event"`
 }
 
 // runqlatPrograms contains all programs after they have been loaded into the kernel.
@@ -170,6 +203,7 @@ type runqlatPrograms struct {
 	RunqlatWakeupNew *ebpf.Program `ebpf:"runqlat_wakeup_new"`
 	TestEmptySwitch  *ebpf.Program `ebpf:"test_empty_switch"`
 	TestHistSlot     *ebpf.Program `ebpf:"test_hist_slot"`
+	TestSched        *ebpf.Program `ebpf:"test_sched"`
 }
 
 func (p *runqlatPrograms) Close() error {
@@ -179,6 +213,7 @@ func (p *runqlatPrograms) Close() error {
 		p.RunqlatWakeupNew,
 		p.TestEmptySwitch,
 		p.TestHistSlot,
+		p.TestSched,
 	)
 }
 

@@ -113,6 +113,7 @@ type RunqlatErrors struct {
 	NoState uint64 // event for a tracked tid whose state entry is missing (Track/Untrack race)
 	NoStats uint64 // event for a tracked tid whose stats entry is missing (Track/Untrack race)
 	Clock   uint64 // switch-in timestamp earlier than the wait start (sample dropped)
+	Ringbuf uint64 // spike event dropped: the spikes ring buffer was full
 }
 
 // Indexes of the errors map (enum runqlat_err in bpf/runqlat.bpf.c).
@@ -120,5 +121,6 @@ const (
 	errNoState = 0
 	errNoStats = 1
 	errClock   = 2
-	errKinds   = 3
+	errRingbuf = 3
+	errKinds   = 4
 )

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -86,7 +87,7 @@ func run() error {
 		cfg.DryRun = true
 	}
 	if *noBPF {
-		cfg.Telemetry.Runqlat = false
+		cfg.Telemetry.Disable = append([]string(nil), telemetry.Probes...)
 	}
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("invalid configuration: %w", err)
@@ -105,19 +106,22 @@ func run() error {
 	}
 	log.Info("cgroups", "cpu", host.VersionOf("cpu").String(), "cpuacct", host.VersionOf("cpuacct").String())
 
-	telemetryState := "off (disabled in config)"
-	var runq agent.RunqSource
-	if cfg.Telemetry.Runqlat {
-		r, err := telemetry.LoadRunqlat()
-		if err != nil {
-			// Keep going without the probe; say exactly what is off.
-			telemetryState = "off: " + err.Error()
-			log.Error("eBPF run-queue delay probe disabled", "err", fmt.Sprintf("%+v", err))
-		} else {
-			defer r.Close()
-			runq = r
-			telemetryState = "runqlat"
-		}
+	// Each probe loads or fails on its own; a failed one is logged with the
+	// verifier's output and reported, and the others keep running.
+	tel := telemetry.Open(telemetry.Config{Disable: cfg.Telemetry.Disable,
+		SpikeThreshold: cfg.Telemetry.SpikeThreshold, ProgramStats: cfg.Telemetry.ProgramStats}, log)
+	defer tel.Close()
+	var probes []string
+	for _, st := range tel.Status() {
+		probes = append(probes, st.String())
+	}
+	telemetryState := strings.Join(probes, "; ")
+	wake := make(chan struct{}, 1)
+	if spikes, err := tel.Spikes(); err != nil {
+		log.Warn("no early wake-ups on run-queue delay spikes", "err", err)
+	} else {
+		defer spikes.Close()
+		go forwardSpikes(spikes, wake, log)
 	}
 
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
@@ -143,7 +147,7 @@ func run() error {
 	exec := executor.New(executor.Cgroups{}, audit, cfg.DryRun, time.Now, fmt.Sprintf("arsd[%d]", os.Getpid()))
 	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
-		VMs: src, Runq: runq, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch,
+		VMs: src, Runq: tel, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch, Wake: wake,
 		DRM: drm, Board: board, Log: log, Now: time.Now,
 	}, telemetryState)
 	if err != nil {
@@ -166,7 +170,7 @@ func run() error {
 			return fmt.Errorf("metrics: %w", err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", metrics.Handler(board))
+		mux.Handle("/metrics", metrics.Handler(board, tel))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() {
@@ -187,5 +191,24 @@ func run() error {
 		return nil
 	case err := <-errc:
 		return err
+	}
+}
+
+// forwardSpikes turns run-queue delay spike events into (coalesced) early
+// wake-ups of the control loop, until the reader is closed.
+func forwardSpikes(r *telemetry.SpikeReader, wake chan<- struct{}, log *slog.Logger) {
+	for {
+		sp, err := r.Read()
+		if err != nil {
+			if !errors.Is(err, telemetry.ErrClosed) {
+				log.Warn("spike reader stopped", "err", err)
+			}
+			return
+		}
+		log.Debug("run-queue delay spike", "tid", sp.TID, "vm_slot", sp.VMSlot, "delay", sp.Delay)
+		select {
+		case wake <- struct{}{}:
+		default: // a wake-up is already pending
+		}
 	}
 }
