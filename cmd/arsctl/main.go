@@ -4,6 +4,7 @@
 //	arsctl [--socket PATH] [--json] vms     per-VM usage, delay, forecast, allocation
 //	arsctl [--socket PATH] [--json] drm     the dynamic resource map
 //	arsctl [--socket PATH] [--json] status  the whole last snapshot
+//	arsctl audit verify [--log FILE]        check the audit log's hash chain
 package main
 
 import (
@@ -34,11 +35,14 @@ func run(args []string, out io.Writer) error {
 	sock := fs.String("socket", config.Default().ControlSocket, "arsd control socket")
 	asJSON := fs.Bool("json", false, "print raw JSON")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] vms|drm|status")
+		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] vms|drm|status\n       arsctl audit verify [--log FILE]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() >= 1 && fs.Arg(0) == "audit" {
+		return auditCmd(fs.Args()[1:], out)
 	}
 	if fs.NArg() != 1 {
 		fs.Usage()
