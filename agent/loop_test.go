@@ -145,8 +145,11 @@ type fakeVMRunq struct {
 	vms map[uint32]string
 }
 
-func (r *fakeVMRunq) TrackVM(slot uint32, vm telemetry.VMRef) error { r.vms[slot] = vm.Name; return nil }
-func (r *fakeVMRunq) UntrackVM(slot uint32) error                   { delete(r.vms, slot); return nil }
+func (r *fakeVMRunq) TrackVM(slot uint32, vm telemetry.VMRef) error {
+	r.vms[slot] = vm.Name
+	return nil
+}
+func (r *fakeVMRunq) UntrackVM(slot uint32) error { delete(r.vms, slot); return nil }
 
 func TestLoopTracksVMsAndWakesEarly(t *testing.T) {
 	h := &fakeHost{want: 50, quotaUs: -1}

@@ -2,6 +2,15 @@
 // series of demand observations per VM and resource into forecasts. It owns
 // the Model interface every forecasting model implements and the models
 // themselves; it never reads the host and never writes to it.
+//
+//	demand.go    usage + contention signals → demand (CPU, memory, I/O)
+//	models.go    last value, window max (Autopilot), decaying histogram (VPA)
+//	seasonal.go  Holt-Winters, period detection by FFT autocorrelation
+//	ars.go       ACI calibration, quantile regression, the "ars" ensemble
+//	config.go    Config/New for the agent, NewByName for every model
+//	trace.go     Bitbrains / long-CSV trace loading
+//	backtest.go  replay, summary, hindsight-margin comparison
+//	tracker.go   live prediction error for metrics
 package predictor
 
 import (
@@ -12,8 +21,11 @@ import (
 
 // Forecast is a model's view of the next horizon for one series.
 type Forecast struct {
-	// P50 is the central estimate of demand.
+	// P50 is the central estimate of demand for the next step.
 	P50 float64
+	// P95 and P99 are upper quantiles of next-step demand. Models without
+	// a notion of spread report their allocation here.
+	P95, P99 float64
 	// Alloc is the allocation the model recommends: a high quantile of
 	// demand, i.e. the estimate plus the model's safety margin.
 	Alloc float64
@@ -75,10 +87,17 @@ func (e *EWMA) Name() string { return "ewma" }
 // ErrBadSample is returned for negative, NaN or infinite observations.
 var ErrBadSample = errors.New("predictor: sample must be finite and non-negative")
 
-// Observe implements Model.
-func (e *EWMA) Observe(v float64) error {
+func checkSample(v float64) error {
 	if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
 		return fmt.Errorf("%w: %v", ErrBadSample, v)
+	}
+	return nil
+}
+
+// Observe implements Model.
+func (e *EWMA) Observe(v float64) error {
+	if err := checkSample(v); err != nil {
+		return err
 	}
 	if e.n == 0 {
 		e.value = v
@@ -94,5 +113,6 @@ func (e *EWMA) Forecast() (Forecast, bool) {
 	if e.n == 0 {
 		return Forecast{}, false
 	}
-	return Forecast{P50: e.value, Alloc: e.value * (1 + e.cfg.Margin), Samples: e.n}, true
+	a := e.value * (1 + e.cfg.Margin)
+	return Forecast{P50: e.value, P95: a, P99: a, Alloc: a, Samples: e.n}, true
 }

@@ -63,3 +63,45 @@ func TestCPUDemand(t *testing.T) {
 		})
 	}
 }
+
+func TestCPUDemandRunqWait(t *testing.T) {
+	// 300m used, vCPUs waited 200 ms per second: demand 500m.
+	if d := CPUDemand(CPUObservation{UsageMillicores: 300, RunqWaitMillicores: 200}); d != 500 {
+		t.Fatalf("%v", d)
+	}
+	// Throttled in every period and waited: the larger estimate wins.
+	if d := CPUDemand(CPUObservation{UsageMillicores: 500, LimitMillicores: 500, Periods: 10, ThrottledPeriods: 10, RunqWaitMillicores: 100}); d != 1000 {
+		t.Fatalf("%v", d)
+	}
+	if d := CPUDemand(CPUObservation{UsageMillicores: 300, RunqWaitMillicores: math.Inf(1)}); d != 300 {
+		t.Fatalf("inf wait: %v", d)
+	}
+}
+
+func TestMemDemand(t *testing.T) {
+	cases := []struct {
+		o    MemObservation
+		want float64
+	}{
+		{MemObservation{UsageBytes: 1000}, 1000},
+		{MemObservation{UsageBytes: 1000, ReclaimableBytes: 300}, 700},
+		{MemObservation{UsageBytes: 1000, PSISome: 0.5}, 1500},
+		{MemObservation{UsageBytes: 1000, MajorFaultsPerSec: 1, FaultBytes: 10}, 1600},
+		{MemObservation{UsageBytes: 1000, PSISome: 3}, 2000},
+		{MemObservation{UsageBytes: -1}, 0},
+	}
+	for _, c := range cases {
+		if got := MemDemand(c.o); got != c.want {
+			t.Errorf("MemDemand(%+v) = %v, want %v", c.o, got, c.want)
+		}
+	}
+}
+
+func TestIODemand(t *testing.T) {
+	if d := IODemand(IOObservation{Throughput: 100, Limit: 100, QueueLatencySec: 0.003, ServiceSec: 0.001}); math.Abs(d-400) > 1e-9 {
+		t.Fatalf("%v", d)
+	}
+	if d := IODemand(IOObservation{Throughput: 100, QueueLatencySec: 0.003, ServiceSec: 0.001}); d != 100 {
+		t.Fatalf("unthrottled: %v", d)
+	}
+}

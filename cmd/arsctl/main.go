@@ -5,6 +5,8 @@
 //	arsctl [--socket PATH] [--json] drm     the dynamic resource map
 //	arsctl [--socket PATH] [--json] status  the whole last snapshot
 //	arsctl audit verify [--log FILE]        check the audit log's hash chain
+//	arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]
+//	                                         replay a trace through the predictor's models
 package main
 
 import (
@@ -35,11 +37,14 @@ func run(args []string, out io.Writer) error {
 	sock := fs.String("socket", config.Default().ControlSocket, "arsd control socket")
 	asJSON := fs.Bool("json", false, "print raw JSON")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] vms|drm|status\n       arsctl audit verify [--log FILE]")
+		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] vms|drm|status\n       arsctl audit verify [--log FILE]\n       arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() >= 1 && fs.Arg(0) == "backtest" {
+		return backtest(fs.Args()[1:], out)
 	}
 	if fs.NArg() >= 1 && fs.Arg(0) == "audit" {
 		return auditCmd(fs.Args()[1:], out)
