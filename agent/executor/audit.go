@@ -59,25 +59,51 @@ type AuditLog struct {
 	f    *os.File
 	path string
 	head Head
+	// Rotated is where an unverifiable previous log was moved ("" if none).
+	Rotated string
 }
 
 // OpenAudit opens (creating) the audit log at path and resumes its chain.
-// A log whose chain does not verify is refused: ARS will not extend a
-// tampered log; the operator moves it aside (the error says which line).
+// A log whose chain does not verify (tampered, truncated, or an older
+// format) is never extended and never deleted: it is renamed to
+// <path>.unverified-<UTC time> (with its head file), a new chain starts,
+// and its first record (kind "audit.rotate") names the moved file and the
+// verification error. Rotated then says where the old log went.
 func OpenAudit(path string) (*AuditLog, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	var rotated string
+	var verr error
+	head, err := VerifyFile(path)
+	if err != nil {
+		var ve *VerifyError
+		if !errors.As(err, &ve) {
+			return nil, err
+		}
+		verr = err
+		rotated = fmt.Sprintf("%s.unverified-%s", path, time.Now().UTC().Format("20060102T150405.000000000Z"))
+		if err := os.Rename(path, rotated); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("audit: move unverified log aside: %w", err)
+		}
+		if err := os.Rename(path+".head", rotated+".head"); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("audit: move unverified head aside: %w", err)
+		}
+		head = Head{Hash: GenesisHash}
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("audit: open %s: %w", path, err)
 	}
-	head, err := VerifyFile(path)
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("audit: %s does not verify, refusing to extend it (move it aside to start a new chain): %w", path, err)
+	l := &AuditLog{f: f, path: path, head: head, Rotated: rotated}
+	if rotated != "" {
+		if err := l.Append(Record{Time: time.Now().UTC(), Actor: "arsd", Kind: "audit.rotate", Target: rotated,
+			Reason: "previous log did not verify and was moved aside: " + verr.Error(), Result: "rotated"}); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
-	return &AuditLog{f: f, path: path, head: head}, nil
+	return l, nil
 }
 
 // Append chains r to the log and writes it as one line. Seq and Prev are

@@ -106,8 +106,24 @@ func TestAuditTamperingDetected(t *testing.T) {
 			if ve.Line != c.line {
 				t.Fatalf("first bad line %d (%v), want %d", ve.Line, err, c.line)
 			}
-			if _, err := OpenAudit(path); err == nil {
-				t.Fatal("OpenAudit extends a tampered log")
+			// Opening it never extends nor deletes it: it moves aside and a
+			// new chain starts, whose first record says so.
+			l, err := OpenAudit(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.Close()
+			if l.Rotated == "" {
+				t.Fatal("OpenAudit kept a tampered log in place")
+			}
+			if b, err := os.ReadFile(l.Rotated); err != nil || !bytes.Equal(b, bytes.Join(ls, nil)) {
+				t.Fatalf("tampered log not preserved at %s: %v", l.Rotated, err)
+			}
+			if h, err := VerifyFile(path); err != nil || h.Seq != 1 {
+				t.Fatalf("new chain: %+v %v", h, err)
+			}
+			if recs := readAudit(t, path); recs[0].Kind != "audit.rotate" || recs[0].Target != l.Rotated {
+				t.Fatalf("first record of the new chain %+v", recs[0])
 			}
 		})
 	}

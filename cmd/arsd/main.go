@@ -132,6 +132,9 @@ func run() error {
 		return err
 	}
 	defer audit.Close()
+	if audit.Rotated != "" {
+		log.Error("audit log did not verify: moved aside, new chain started", "moved_to", audit.Rotated)
+	}
 
 	board := &status.Board{}
 	drm := mapper.New()
