@@ -11,6 +11,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"sort"
 	"time"
 
@@ -89,6 +90,11 @@ type vmState struct {
 	tids     map[uint32]bool
 	prevRunq map[uint32]telemetry.VCPUStats
 	last     status.VM
+	// forecast is the model's last forecast, judged against the next
+	// tick's demand by tracker (prediction error metrics).
+	forecast     predictor.Forecast
+	haveForecast bool
+	tracker      predictor.Tracker
 }
 
 // Loop is the control loop. It is driven by one goroutine (Run or Tick).
@@ -270,6 +276,19 @@ func (l *Loop) observe(vm VM, runq map[uint32]telemetry.VCPUStats) (*vmState, er
 		obs.Periods, obs.ThrottledPeriods = cur.Periods-prev.Periods, cur.Throttled-prev.Throttled
 	}
 	demand := predictor.CPUDemand(obs)
+	if st.haveForecast {
+		// Judge last tick's forecast: its P50 against this demand, and the
+		// allocation actually in force (unlimited never violates).
+		alloc := math.Inf(1)
+		if obs.LimitMillicores > 0 {
+			alloc = obs.LimitMillicores
+		}
+		st.tracker.Record(predictor.Forecast{P50: st.forecast.P50, Alloc: alloc}, demand)
+		st.last.PredErrMillicores = math.Abs(st.forecast.P50 - demand)
+	}
+	st.last.PredMAEMillicores = st.tracker.MAE()
+	st.last.Violations = st.tracker.Violations
+	st.last.RecentViolation = st.tracker.RecentViolation
 	if err := st.model.Observe(demand); err != nil {
 		return nil, err
 	}
@@ -338,6 +357,7 @@ func (l *Loop) decide(vm VM, st *vmState) (executor.Action, bool) {
 		return executor.Action{}, false
 	}
 	st.last.ForecastMillicores = f.P50
+	st.forecast, st.haveForecast = f, true
 	var current int64
 	if st.prevCPU.QuotaUs > 0 && st.prevCPU.PeriodUs > 0 {
 		current = st.prevCPU.QuotaUs * 1000 / int64(st.prevCPU.PeriodUs)

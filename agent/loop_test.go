@@ -118,6 +118,9 @@ func TestLoopGrowsAndShrinks(t *testing.T) {
 	if h.quotaUs < 120000 {
 		t.Fatalf("busy VM quota %d after 5 ticks, want >= 120000 (decision %q)", h.quotaUs, vm.LastDecision)
 	}
+	if vm.Violations == 0 || vm.PredMAEMillicores == 0 {
+		t.Fatalf("a VM capped at its floor while wanting 1.2 cores shows no violation/prediction error: %+v", vm)
+	}
 	if !vm.RunqValid || vm.RunqMeanNs != 1000 {
 		t.Fatalf("run-queue delay not reported: %+v", vm)
 	}

@@ -12,7 +12,7 @@ type Config struct {
 	Model string `yaml:"model"`
 	// TargetViolation is the share of ticks on which demand may exceed the
 	// allocation (the SLA's promise), in (0, 0.5).
-	TargetViolation float64 `yaml:"target_violation"`
+	TargetViolation float64 `yaml:"targetViolation"`
 	// Alpha and Margin configure the "ewma" model.
 	Alpha  float64 `yaml:"alpha"`
 	Margin float64 `yaml:"margin"`
@@ -27,7 +27,7 @@ func DefaultConfig() Config {
 // Validate checks the model name and ranges.
 func (c Config) Validate() error {
 	if !(c.TargetViolation > 0 && c.TargetViolation < 0.5) {
-		return fmt.Errorf("predictor: target_violation must be in (0, 0.5), got %v", c.TargetViolation)
+		return fmt.Errorf("predictor: targetViolation must be in (0, 0.5), got %v", c.TargetViolation)
 	}
 	if err := (EWMAConfig{Alpha: c.Alpha, Margin: c.Margin}).Validate(); err != nil {
 		return err

@@ -39,6 +39,14 @@ var (
 		"p99 run-queue delay of the VM's vCPU threads over the last tick (eBPF).", vmLabels, nil)
 	runqMeanDesc = prometheus.NewDesc("ars_vm_runqueue_delay_mean_seconds",
 		"Mean run-queue delay of the VM's vCPU threads over the last tick (eBPF).", vmLabels, nil)
+	predErrDesc = prometheus.NewDesc("ars_vm_cpu_prediction_error_cores",
+		"Absolute error of the last tick's CPU forecast (p50) against the demand seen, in cores.", vmLabels, nil)
+	predMAEDesc = prometheus.NewDesc("ars_vm_cpu_prediction_mae_cores",
+		"Mean absolute error of the CPU forecast (p50) since the VM was discovered, in cores.", vmLabels, nil)
+	violationsDesc = prometheus.NewDesc("ars_vm_cpu_violations_total",
+		"Ticks in which the VM's CPU demand exceeded the allocation in force.", vmLabels, nil)
+	violationRatioDesc = prometheus.NewDesc("ars_vm_cpu_violation_ratio",
+		"Share of recent ticks (EWMA over about 100) in which CPU demand exceeded the allocation.", vmLabels, nil)
 	vmsDesc = prometheus.NewDesc("ars_vms",
 		"VMs managed by this agent.", nil, nil)
 	actionsDesc = prometheus.NewDesc("ars_actions_total",
@@ -60,7 +68,7 @@ func NewCollector(board *status.Board) *Collector { return &Collector{board: boa
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{usageDesc, demandDesc, forecastDesc, allocDesc, floorDesc,
-		ceilingDesc, throttledDesc, runqP99Desc, runqMeanDesc, vmsDesc, actionsDesc, ticksDesc, genDesc, buildDesc} {
+		ceilingDesc, throttledDesc, runqP99Desc, runqMeanDesc, predErrDesc, predMAEDesc, violationsDesc, violationRatioDesc, vmsDesc, actionsDesc, ticksDesc, genDesc, buildDesc} {
 		ch <- d
 	}
 }
@@ -79,6 +87,10 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		g(floorDesc, float64(vm.FloorMillicores)/1000, vm.Name)
 		g(ceilingDesc, float64(vm.CeilingMillicores)/1000, vm.Name)
 		g(throttledDesc, float64(vm.ThrottledPeriods), vm.Name)
+		g(predErrDesc, vm.PredErrMillicores/1000, vm.Name)
+		g(predMAEDesc, vm.PredMAEMillicores/1000, vm.Name)
+		ch <- prometheus.MustNewConstMetric(violationsDesc, prometheus.CounterValue, float64(vm.Violations), vm.Name)
+		g(violationRatioDesc, vm.RecentViolation, vm.Name)
 		if vm.RunqValid {
 			g(runqP99Desc, vm.RunqP99Ns/1e9, vm.Name)
 			g(runqMeanDesc, vm.RunqMeanNs/1e9, vm.Name)

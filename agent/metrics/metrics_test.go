@@ -18,6 +18,7 @@ func TestCollectorGolden(t *testing.T) {
 			Name: "web", UsageMillicores: 500, DemandMillicores: 750, ForecastMillicores: 600,
 			AllocMillicores: 800, FloorMillicores: 200, CeilingMillicores: 1500, ThrottledPeriods: 4,
 			RunqValid: true, RunqMeanNs: 2e6, RunqP99Ns: 8e6,
+			PredErrMillicores: 120, Violations: 3, RecentViolation: 0.05,
 		}, {Name: "idle", AllocMillicores: 200, FloorMillicores: 200, CeilingMillicores: 1500}},
 		Actions: map[string]uint64{"cpu.quota/applied": 5},
 	})
@@ -36,6 +37,14 @@ ars_vm_runqueue_delay_p99_seconds{vm="web"} 0.008
 # TYPE ars_vm_cpu_demand_cores gauge
 ars_vm_cpu_demand_cores{vm="idle"} 0
 ars_vm_cpu_demand_cores{vm="web"} 0.75
+# HELP ars_vm_cpu_violations_total Ticks in which the VM's CPU demand exceeded the allocation in force.
+# TYPE ars_vm_cpu_violations_total counter
+ars_vm_cpu_violations_total{vm="idle"} 0
+ars_vm_cpu_violations_total{vm="web"} 3
+# HELP ars_vm_cpu_prediction_error_cores Absolute error of the last tick's CPU forecast (p50) against the demand seen, in cores.
+# TYPE ars_vm_cpu_prediction_error_cores gauge
+ars_vm_cpu_prediction_error_cores{vm="idle"} 0
+ars_vm_cpu_prediction_error_cores{vm="web"} 0.12
 # HELP ars_vms VMs managed by this agent.
 # TYPE ars_vms gauge
 ars_vms 2
@@ -48,11 +57,11 @@ ars_build_info{goversion="` + runtime.Version() + `",version="` + Version + `"} 
 `
 	if err := testutil.CollectAndCompare(NewCollector(&b), strings.NewReader(want),
 		"ars_actions_total", "ars_vm_cpu_allocation_cores", "ars_vm_runqueue_delay_p99_seconds",
-		"ars_vm_cpu_demand_cores", "ars_vms", "ars_ticks_total", "ars_build_info"); err != nil {
+		"ars_vm_cpu_demand_cores", "ars_vm_cpu_violations_total", "ars_vm_cpu_prediction_error_cores", "ars_vms", "ars_ticks_total", "ars_build_info"); err != nil {
 		t.Fatal(err)
 	}
-	if n := testutil.CollectAndCount(NewCollector(&b)); n != 2*7+1+1+4+1 {
-		// 7 always-present per-VM gauges ×2, runq p99+mean for web, vms, actions, ticks, gen, build
+	if n := testutil.CollectAndCount(NewCollector(&b)); n != 2*11+2+5 {
+		// 11 always-present per-VM series ×2, runq p99+mean for web; vms, actions, ticks, gen, build
 		t.Fatalf("collected %d metrics", n)
 	}
 }

@@ -30,6 +30,14 @@ type VM struct {
 	RunqP99Ns      float64 `json:"runq_p99_ns"`
 	RunqDelayTotal uint64  `json:"runq_delay_total_ns"`
 
+	// Prediction error of the CPU model: |P50 − demand| of the last tick,
+	// its mean so far, ticks whose demand exceeded the allocation in
+	// force, and an EWMA (≈100 ticks) of that indicator.
+	PredErrMillicores float64 `json:"pred_err_millicores"`
+	PredMAEMillicores float64 `json:"pred_mae_millicores"`
+	Violations        uint64  `json:"violations"`
+	RecentViolation   float64 `json:"recent_violation"`
+
 	LastDecision string `json:"last_decision"`
 }
 

@@ -44,8 +44,11 @@ type Options struct {
 	// for DEVICE_DELETED (in case the event was lost to a reconnect).
 	// Default 1 s.
 	UnplugPoll time.Duration
-	// AllowReplug lets AddCPU run after a vCPU was unplugged from this
-	// QEMU. It is refused by default (ErrReplugUnsafe) because QEMU 7.2
+	// UnplugTimeout bounds RemoveCPU's wait when its context has no
+	// deadline. Default 30 s.
+	UnplugTimeout time.Duration
+	// AllowReplug lets AddCPU run after a vCPU unplug was requested from
+	// this QEMU. It is refused by default (ErrReplugUnsafe) because QEMU 7.2
 	// under TCG aborts ("double free or corruption") on any vCPU
 	// device_add that follows a completed vCPU unplug, whatever the slot
 	// or id (measured on these hosts). Set it for QEMU versions or
@@ -76,7 +79,7 @@ type Controller struct {
 	ost         map[string]OST
 	counts      map[string]uint64
 	statsOn     bool
-	unplugged   int // completed vCPU unplugs
+	unplugged   int // vCPU unplugs requested (device_del accepted)
 	balloonPath string
 }
 
@@ -106,6 +109,9 @@ func NewController(ctx context.Context, conn Conn, opts Options) (*Controller, e
 	}
 	if opts.UnplugPoll <= 0 {
 		opts.UnplugPoll = time.Second
+	}
+	if opts.UnplugTimeout <= 0 {
+		opts.UnplugTimeout = 30 * time.Second
 	}
 	c := &Controller{
 		conn:        conn,
@@ -453,7 +459,7 @@ func (c *Controller) AddCPU(ctx context.Context) (CPUSlot, error) {
 	n := c.unplugged
 	c.mu.Unlock()
 	if n > 0 && !c.opts.AllowReplug {
-		return CPUSlot{}, fmt.Errorf("%w: %d vCPU(s) already unplugged from this QEMU", ErrReplugUnsafe, n)
+		return CPUSlot{}, fmt.Errorf("%w: %d vCPU unplug(s) already requested from this QEMU", ErrReplugUnsafe, n)
 	}
 	slots, err := c.HotplugCPUs(ctx)
 	if err != nil {
@@ -510,6 +516,14 @@ func (c *Controller) RemoveCPU(ctx context.Context, id string) error {
 	if err := c.exec(ctx, "device_del", map[string]string{"id": id}, nil); err != nil {
 		return err
 	}
+	// Accepted: the guest may complete it at any time, even after we stop
+	// waiting, so re-plugging is unsafe from now on (Options.AllowReplug).
+	c.noteUnplug()
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.opts.UnplugTimeout)
+		defer cancel()
+	}
 	poll := time.NewTicker(c.opts.UnplugPoll)
 	defer poll.Stop()
 	for {
@@ -523,7 +537,6 @@ func (c *Controller) RemoveCPU(ctx context.Context, id string) error {
 			}
 			slots, err := c.HotplugCPUs(ctx)
 			if err == nil && !hasCPU(slots, id) {
-				c.noteUnplug()
 				return nil
 			}
 		case <-c.goneCh:
@@ -533,7 +546,6 @@ func (c *Controller) RemoveCPU(ctx context.Context, id string) error {
 		case <-poll.C:
 			slots, err := c.HotplugCPUs(ctx)
 			if err == nil && !hasCPU(slots, id) {
-				c.noteUnplug()
 				return nil
 			}
 		}

@@ -147,6 +147,11 @@ func threads(t testing.TB, pid int) []string {
 // completes with DEVICE_DELETED.
 func TestGuestCPUHotplug(t *testing.T) {
 	v := guest.Get(t)
+	if guestHadUnplug {
+		// QEMU 7.2/TCG aborts on a vCPU device_add after an unplug; a
+		// second run (-count=2) on the shared guest would kill it.
+		t.Skip("the shared guest already had a vCPU unplugged; re-plugging crashes QEMU 7.2 under TCG")
+	}
 	// No slot polling during the test: the unplug must be completed by the
 	// DEVICE_DELETED event.
 	c, _ := connect(t, v, qmpact.Options{UnplugPoll: time.Hour})
@@ -234,7 +239,7 @@ func TestGuestCPUHotplug(t *testing.T) {
 	if err != nil {
 		t.Fatalf("RemoveCPU %s: %v (DEVICE_DELETED seen %d)", s.ID, err, c.EventCount("DEVICE_DELETED"))
 	}
-	removed = true
+	removed, guestHadUnplug = true, true
 	t.Logf("RemoveCPU %s: DEVICE_DELETED after %v", s.ID, time.Since(start).Round(time.Millisecond))
 	if c.EventCount("DEVICE_DELETED") == 0 {
 		t.Error("RemoveCPU returned without a DEVICE_DELETED event")
@@ -258,7 +263,14 @@ func TestGuestCPUHotplug(t *testing.T) {
 	if slots[1].Plugged() {
 		t.Errorf("slot still plugged after unplug: %+v", slots[1])
 	}
+	// Re-plugging now would crash this QEMU: refused.
+	if _, err := c.AddCPU(ctx); !errors.Is(err, qmpact.ErrReplugUnsafe) {
+		t.Errorf("AddCPU after an unplug: %v, want ErrReplugUnsafe", err)
+	}
 }
+
+// guestHadUnplug records that the shared guest's QEMU had a vCPU unplugged.
+var guestHadUnplug bool
 
 // wrBytes reads a drive's written bytes from query-blockstats.
 func wrBytes(t testing.TB, ctx context.Context, r *qmpact.Reconnecting, device string) uint64 {

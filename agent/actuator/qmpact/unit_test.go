@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -324,6 +325,19 @@ func TestEvents(t *testing.T) {
 	if a, _, ok := c.LastBalloonChange(); !ok || a != 128<<20 {
 		t.Errorf("last balloon change %d %v", a, ok)
 	}
+	// After an unplug, AddCPU is refused without sending device_add ...
+	n := len(f.commands())
+	if _, err := c.AddCPU(ctx); !errors.Is(err, qmpact.ErrReplugUnsafe) {
+		t.Errorf("AddCPU after unplug: %v, want ErrReplugUnsafe", err)
+	}
+	if got := f.commands()[n:]; len(got) != 0 {
+		t.Errorf("refused AddCPU sent %v", got)
+	}
+	// ... unless allowed.
+	c2, _ := dialFake(t, f, qmpact.Options{AllowReplug: true})
+	if s, err := c2.AddCPU(ctx); err != nil || s.ID != "ars-cpu-0-1-0" {
+		t.Errorf("AddCPU with AllowReplug: %+v, %v", s, err)
+	}
 }
 
 func TestEventsShutdown(t *testing.T) {
@@ -362,9 +376,12 @@ func TestRetryIdempotent(t *testing.T) {
 	f := newFakeQEMU(t)
 	c, r := dialFake(t, f, qmpact.Options{})
 	ctx := ctxT(t, 10*time.Second)
+	var dropMu sync.Mutex
 	drop := map[string]int{"query-balloon": 1, "device_del": 1}
 	f.mu.Lock()
 	f.onCmd = func(conn *qmptest.Conn, cmd qmptest.Cmd) bool {
+		dropMu.Lock()
+		defer dropMu.Unlock()
 		if drop[cmd.Execute] > 0 {
 			drop[cmd.Execute]--
 			conn.Close()
@@ -392,5 +409,38 @@ func TestRetryIdempotent(t *testing.T) {
 	}
 	if dels != 1 {
 		t.Errorf("device_del sent %d times", dels)
+	}
+}
+
+// TestRedialRefusesSymlink: a redial goes through qmp.Dial's checks, so a
+// socket path replaced by a symbolic link is refused at once, not retried.
+func TestRedialRefusesSymlink(t *testing.T) {
+	f := newFakeQEMU(t)
+	ctx := ctxT(t, 5*time.Second)
+	r, err := qmpact.DialReconnecting(ctx, f.Path, qmp.Options{ExpectPID: os.Getpid()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	moved := f.Path + ".real"
+	if err := os.Rename(f.Path, moved); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(moved, f.Path); err != nil {
+		t.Fatal(err)
+	}
+	r.Monitor().Close()
+	start := time.Now()
+	err = r.Execute(ctx, "query-balloon", nil, nil)
+	if !errors.Is(err, qmp.ErrSymlink) || time.Since(start) > time.Second {
+		t.Fatalf("redial through a symlink: %v after %v, want ErrSymlink at once", err, time.Since(start))
+	}
+	// Back in place, the next command redials.
+	os.Remove(f.Path)
+	if err := os.Rename(moved, f.Path); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Execute(ctx, "query-balloon", nil, nil); err != nil || r.Reconnects() != 1 {
+		t.Fatalf("redial after restoring the socket: %v, reconnects %d", err, r.Reconnects())
 	}
 }
