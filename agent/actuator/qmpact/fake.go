@@ -21,8 +21,12 @@ type Call struct {
 // calls of a method fail. Safe for concurrent use.
 type Fake struct {
 	Limits Limits
+	// AllowReplug mirrors Options.AllowReplug: without it AddCPU after a
+	// RemoveCPU fails with ErrReplugUnsafe, as Controller's does.
+	AllowReplug bool
 
 	mu       sync.Mutex
+	removed  int
 	actual   uint64
 	slots    []CPUSlot
 	throttle map[string]Throttle
@@ -157,6 +161,9 @@ func (f *Fake) AddCPU(ctx context.Context) (CPUSlot, error) {
 	if err := f.pre(ctx, c.Method); err != nil {
 		return CPUSlot{}, f.record(c, err)
 	}
+	if f.removed > 0 && !f.AllowReplug {
+		return CPUSlot{}, f.record(c, fmt.Errorf("%w: %d vCPU unplug(s) already requested", ErrReplugUnsafe, f.removed))
+	}
 	for i := range f.slots {
 		s := &f.slots[i]
 		if !s.Plugged() {
@@ -188,6 +195,7 @@ func (f *Fake) RemoveCPU(ctx context.Context, id string) error {
 		s := &f.slots[i]
 		if s.ID == id {
 			s.ID, s.QOMPath, s.CPUIndex, s.ThreadID = "", "", 0, 0
+			f.removed++
 			return f.record(c, nil)
 		}
 	}

