@@ -192,7 +192,7 @@ func (l *Loop) Tick(ctx context.Context) {
 		}
 		if r.Outcome == executor.Applied || r.Outcome == executor.DryRun {
 			l.d.Log.Info("cpu quota", "vm", r.Action.VM, "outcome", r.Outcome,
-				"before_us", r.BeforeQuotaUs, "after_us", r.AfterQuotaUs, "reason", r.Action.Reason)
+				"before", r.Before, "after", r.After, "reason", r.Action.Reason)
 		}
 	}
 

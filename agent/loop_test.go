@@ -78,7 +78,7 @@ func TestLoopGrowsAndShrinks(t *testing.T) {
 	// headroom after a burst for longer by design (see predictor's tests).
 	cfg.Predictor.Model = "ewma"
 	l, err := New(cfg, Deps{
-		VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(h, nil, false, now, "test"),
+		VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(executor.Actuators{CPU: h}, nil, false, now, "test"),
 		DRM: drm, Board: board, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: now,
 	}, "fake")
 	if err != nil {
@@ -162,7 +162,7 @@ func TestLoopTracksVMsAndWakesEarly(t *testing.T) {
 	board := &status.Board{}
 	cfg := config.Default()
 	cfg.Tick = time.Hour // only wake-ups tick
-	l, err := New(cfg, Deps{VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(h, nil, false, time.Now, "test"),
+	l, err := New(cfg, Deps{VMs: vms, Runq: rq, ReadCPU: h.read, Exec: executor.New(executor.Actuators{CPU: h}, nil, false, time.Now, "test"),
 		DRM: mapper.New(), Board: board, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: time.Now, Wake: wake}, "fake")
 	if err != nil {
 		t.Fatal(err)

@@ -61,6 +61,7 @@ type AuditLog struct {
 	head Head
 	// Rotated is where an unverifiable previous log was moved ("" if none).
 	Rotated string
+	dirty   bool // records appended since the last Sync
 }
 
 // OpenAudit opens (creating) the audit log at path and resumes its chain.
@@ -102,6 +103,10 @@ func OpenAudit(path string) (*AuditLog, error) {
 			f.Close()
 			return nil, err
 		}
+		if err := l.Sync(); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	return l, nil
 }
@@ -122,7 +127,28 @@ func (l *AuditLog) Append(r Record) error {
 	}
 	sum := sha256.Sum256(b)
 	l.head = Head{Seq: r.Seq, Hash: hex.EncodeToString(sum[:])}
-	return writeHead(l.path, l.head)
+	l.dirty = true
+	return nil
+}
+
+// Sync makes the appended records durable and then records the chain's
+// tip in the head file (temp file, fsync, rename). The executor calls it
+// once per plan. The head may lag the log after a crash; it may never be
+// ahead of it.
+func (l *AuditLog) Sync() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.dirty {
+		return nil
+	}
+	if err := l.f.Sync(); err != nil {
+		return fmt.Errorf("audit: sync %s: %w", l.path, err)
+	}
+	if err := writeHead(l.path, l.head); err != nil {
+		return err
+	}
+	l.dirty = false
+	return nil
 }
 
 // Head returns the chain's tip.
@@ -132,8 +158,11 @@ func (l *AuditLog) Head() Head {
 	return l.head
 }
 
-// Close closes the file.
-func (l *AuditLog) Close() error { return l.f.Close() }
+// Close syncs and closes the file.
+func (l *AuditLog) Close() error {
+	err := l.Sync()
+	return errors.Join(err, l.f.Close())
+}
 
 func writeHead(path string, h Head) error {
 	b, _ := json.Marshal(h)
@@ -174,48 +203,72 @@ func (e *VerifyError) Error() string {
 // Verify reads a log and checks every line's sequence and hash link. It
 // returns the tip of the chain. It does not know about the head file.
 func Verify(r io.Reader) (Head, error) {
+	h, _, err := verify(r, 0)
+	return h, err
+}
+
+// verify also returns the chain's hash after record seq at (if reached).
+func verify(r io.Reader, at uint64) (Head, string, error) {
 	head := Head{Hash: GenesisHash}
+	var atHash string
 	br := bufio.NewReaderSize(r, 64<<10)
 	for line := 1; ; line++ {
 		b, err := br.ReadSlice('\n')
 		if errors.Is(err, bufio.ErrBufferFull) || len(b) > maxAuditLine {
-			return head, &VerifyError{line, "line longer than 64 KiB"}
+			return head, atHash, &VerifyError{line, "line longer than 64 KiB"}
 		}
 		if errors.Is(err, io.EOF) {
 			if len(b) > 0 {
-				return head, &VerifyError{line, "truncated: last line has no newline"}
+				return head, atHash, &VerifyError{line, "truncated: last line has no newline"}
 			}
-			return head, nil
+			return head, atHash, nil
 		}
 		if err != nil {
-			return head, fmt.Errorf("audit: read: %w", err)
+			return head, atHash, fmt.Errorf("audit: read: %w", err)
 		}
 		b = bytes.TrimSuffix(b, []byte("\n"))
 		var rec Record
 		dec := json.NewDecoder(bytes.NewReader(b))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&rec); err != nil {
-			return head, &VerifyError{line, "not a record: " + err.Error()}
+			return head, atHash, &VerifyError{line, "not a record: " + err.Error()}
 		}
 		if rec.Seq != head.Seq+1 {
-			return head, &VerifyError{line, fmt.Sprintf("sequence %d after %d (line removed, reordered or inserted)", rec.Seq, head.Seq)}
+			return head, atHash, &VerifyError{line, fmt.Sprintf("sequence %d after %d (line removed, reordered or inserted)", rec.Seq, head.Seq)}
 		}
 		if rec.Prev != head.Hash {
-			return head, &VerifyError{line, "hash of the previous line does not match (a line before it was edited, removed or reordered)"}
+			return head, atHash, &VerifyError{line, "hash of the previous line does not match (a line before it was edited, removed or reordered)"}
 		}
 		sum := sha256.Sum256(b)
 		head = Head{Seq: rec.Seq, Hash: hex.EncodeToString(sum[:])}
+		if head.Seq == at {
+			atHash = head.Hash
+		}
 	}
 }
 
 // VerifyFile verifies the log at path and, when <path>.head exists, that
-// the log ends where the head says (detecting lines cut from the end).
-// A missing log with no head is an empty, valid chain.
+// the log reaches the head: the record at the head's sequence must have
+// the head's hash (the head may lag the log after a crash, never lead it),
+// so lines cut from the end are detected. A missing log with no head is an
+// empty, valid chain.
 func VerifyFile(path string) (Head, error) {
+	var want Head
+	haveHead := false
+	hb, err := os.ReadFile(path + ".head")
+	switch {
+	case err == nil:
+		if err := json.Unmarshal(hb, &want); err != nil {
+			return Head{}, &VerifyError{0, "head file unreadable: " + err.Error()}
+		}
+		haveHead = true
+	case !errors.Is(err, os.ErrNotExist):
+		return Head{}, fmt.Errorf("audit: %w", err)
+	}
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			if _, herr := os.Stat(path + ".head"); herr == nil {
+			if haveHead {
 				return Head{}, &VerifyError{0, "log missing but its head file exists (log deleted)"}
 			}
 			return Head{Hash: GenesisHash}, nil
@@ -223,26 +276,21 @@ func VerifyFile(path string) (Head, error) {
 		return Head{}, fmt.Errorf("audit: %w", err)
 	}
 	defer f.Close()
-	head, err := Verify(f)
+	head, atHash, err := verify(f, want.Seq)
 	if err != nil {
 		return head, err
 	}
-	hb, err := os.ReadFile(path + ".head")
-	if errors.Is(err, os.ErrNotExist) {
+	if !haveHead {
 		if head.Seq == 0 {
 			return head, nil
 		}
 		return head, &VerifyError{0, "head file " + path + ".head is missing"}
 	}
-	if err != nil {
-		return head, fmt.Errorf("audit: %w", err)
+	if head.Seq < want.Seq {
+		return head, &VerifyError{int(head.Seq) + 1, fmt.Sprintf("log ends at sequence %d but the head says %d (lines cut from the end)", head.Seq, want.Seq)}
 	}
-	var want Head
-	if err := json.Unmarshal(hb, &want); err != nil {
-		return head, &VerifyError{0, "head file unreadable: " + err.Error()}
-	}
-	if want != head {
-		return head, &VerifyError{int(head.Seq) + 1, fmt.Sprintf("log ends at sequence %d but the head says %d (lines cut from the end, or the head was edited)", head.Seq, want.Seq)}
+	if want.Seq > 0 && atHash != want.Hash {
+		return head, &VerifyError{int(want.Seq), "record does not match the head file's hash (edited, or the head was)"}
 	}
 	return head, nil
 }

@@ -162,7 +162,7 @@ func TestStaleEpochRefused(t *testing.T) {
 	}
 	defer audit.Close()
 	cg := &fakeCG{quota: map[string]int64{"/a": -1}}
-	ex := New(cg, audit, false, time.Now, "test")
+	ex := New(Actuators{CPU: cg}, audit, false, time.Now, "test")
 	ex.SetEpoch(3)
 	ex.SetEpoch(2) // never lowers
 	r := ex.Apply(context.Background(), []Action{
@@ -194,4 +194,28 @@ func FuzzVerify(f *testing.F) {
 			t.Fatalf("head seq %d beyond %d lines", h.Seq, bytes.Count(b, []byte("\n")))
 		}
 	})
+}
+
+// TestAuditHeadMayLag: a crash after appending but before Sync leaves the
+// head behind the log; that is not tampering, and the chain resumes.
+func TestAuditHeadMayLag(t *testing.T) {
+	path := writeLog(t, 3)
+	l, err := OpenAudit(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Append(Record{VM: "late"}) // no Sync: the "crash"
+	l.f.Close()
+	if h, err := VerifyFile(path); err != nil || h.Seq != 4 {
+		t.Fatalf("lagging head: %+v %v", h, err)
+	}
+	l, err = OpenAudit(path)
+	if err != nil || l.Rotated != "" {
+		t.Fatalf("reopen after crash: %v rotated=%q", err, l.Rotated)
+	}
+	l.Append(Record{VM: "next"})
+	l.Close()
+	if h, err := VerifyFile(path); err != nil || h.Seq != 5 {
+		t.Fatalf("after resume: %+v %v", h, err)
+	}
 }

@@ -67,7 +67,7 @@ func TestApplyWritesOnlyChanges(t *testing.T) {
 	defer audit.Close()
 	cg := &fakeCG{quota: map[string]int64{"/a": -1, "/b": 50000}}
 	now := func() time.Time { return time.Unix(100, 0) }
-	ex := New(cg, audit, false, now, "test")
+	ex := New(Actuators{CPU: cg}, audit, false, now, "test")
 	res := ex.Apply(context.Background(), []Action{
 		{VM: "a", Kind: KindCPUQuota, Group: cgroups.Group{CPU: "/a"}, Millicores: 250, Reason: "grow"},
 		{VM: "b", Kind: KindCPUQuota, Group: cgroups.Group{CPU: "/b"}, Millicores: 500, Reason: "same"},
@@ -97,16 +97,16 @@ func TestApplyWritesOnlyChanges(t *testing.T) {
 
 func TestDryRunWritesNothing(t *testing.T) {
 	cg := &fakeCG{quota: map[string]int64{"/a": -1}}
-	ex := New(cg, nil, true, time.Now, "test")
+	ex := New(Actuators{CPU: cg}, nil, true, time.Now, "test")
 	r := ex.Apply(context.Background(), []Action{{VM: "a", Kind: KindCPUQuota, Group: cgroups.Group{CPU: "/a"}, Millicores: 300}})
-	if r[0].Outcome != DryRun || cg.writes != 0 || r[0].AfterQuotaUs != 30000 {
+	if r[0].Outcome != DryRun || cg.writes != 0 || r[0].After != "30000" {
 		t.Fatalf("dry run: %+v writes=%d", r[0], cg.writes)
 	}
 }
 
 func TestApplyReadError(t *testing.T) {
 	cg := &fakeCG{err: errors.New("EIO")}
-	ex := New(cg, nil, false, time.Now, "test")
+	ex := New(Actuators{CPU: cg}, nil, false, time.Now, "test")
 	r := ex.Apply(context.Background(), []Action{{VM: "a", Kind: KindCPUQuota, Millicores: 300}})
 	if r[0].Outcome != Failed || r[0].Err == nil {
 		t.Fatalf("got %+v", r[0])
@@ -158,7 +158,7 @@ func TestRealCgroupQuota(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer audit.Close()
-	ex := New(Cgroups{}, audit, false, time.Now, "test")
+	ex := New(Actuators{CPU: Cgroups{}}, audit, false, time.Now, "test")
 	r := ex.Apply(context.Background(), []Action{{VM: "t", Kind: KindCPUQuota, Group: g, Millicores: 350, Reason: "test"}})
 	if r[0].Outcome != Applied {
 		t.Fatalf("apply: %+v", r[0])

@@ -147,7 +147,7 @@ func run() error {
 	defer src.Close()
 	// One agent per host until active/standby exists: it runs at epoch 1.
 	const epoch = 1
-	exec := executor.New(executor.Cgroups{}, audit, cfg.DryRun, time.Now, fmt.Sprintf("arsd[%d]", os.Getpid()))
+	exec := executor.New(executor.Actuators{CPU: executor.Cgroups{}}, audit, cfg.DryRun, time.Now, fmt.Sprintf("arsd[%d]", os.Getpid()))
 	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
 		VMs: src, Runq: tel, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch, Wake: wake,
