@@ -24,6 +24,7 @@ import (
 	"github.com/ars-dev/ars/agent/actuator/qmpact"
 	"github.com/ars-dev/ars/agent/actuator/tc"
 	"github.com/ars-dev/ars/agent/cgroups"
+	"github.com/ars-dev/ars/mapper"
 )
 
 // CgroupCPU is the narrow cgroup interface the executor needs. The real
@@ -51,6 +52,13 @@ type Actuators struct {
 	QMP func(vm string) (qmpact.VMControl, error)
 	// TC shapes tap devices (tc.Netlink in production, tc.Fake in tests).
 	TC tc.Shaper
+}
+
+// Journal makes intents durable before the executor acts and records
+// their outcomes after (mapper.Journal).
+type Journal interface {
+	Intents(es []mapper.Entry) ([]uint64, error)
+	Outcomes(cs []mapper.Completion) error
 }
 
 // ErrVanished is returned by a QMP resolver for a VM that is gone.
@@ -115,11 +123,12 @@ type Result struct {
 
 // Executor applies plans. Apply calls are serialized.
 type Executor struct {
-	act    Actuators
-	audit  *AuditLog
-	dryRun bool
-	now    func() time.Time
-	actor  string
+	act     Actuators
+	audit   *AuditLog
+	journal Journal
+	dryRun  bool
+	now     func() time.Time
+	actor   string
 
 	apply sync.Mutex // one plan at a time
 	mu    sync.Mutex
@@ -130,6 +139,14 @@ type Executor struct {
 // the writer in audit records (e.g. "arsd[pid]").
 func New(act Actuators, audit *AuditLog, dryRun bool, now func() time.Time, actor string) *Executor {
 	return &Executor{act: act, audit: audit, dryRun: dryRun, now: now, actor: actor}
+}
+
+// WithJournal makes the executor journal every write as an intent (one
+// durable transaction per plan) before making it and its outcome after.
+// If the intents cannot be made durable, nothing is written.
+func (e *Executor) WithJournal(j Journal) *Executor {
+	e.journal = j
+	return e
 }
 
 // SetEpoch raises the executor's epoch (the fencing token); it never
@@ -214,7 +231,23 @@ func (e *Executor) Apply(ctx context.Context, plan []Action) []Result {
 	}
 	sort.SliceStable(shrink, func(i, j int) bool { return shrinkRank[shrink[i].a.Kind] < shrinkRank[shrink[j].a.Kind] })
 	sort.SliceStable(grow, func(i, j int) bool { return growRank[grow[i].a.Kind] < growRank[grow[j].a.Kind] })
-	for _, s := range append(shrink, grow...) {
+	writes := append(shrink, grow...)
+	var seqs []uint64
+	if e.journal != nil && !e.dryRun && len(writes) > 0 {
+		entries := make([]mapper.Entry, len(writes))
+		for i, s := range writes {
+			entries[i] = mapper.Entry{Time: e.now().UTC(), Epoch: s.a.Epoch, VM: s.a.VM, Kind: string(s.a.Kind),
+				Target: target(s.a), Value: s.after, Reason: s.a.Reason}
+		}
+		var err error
+		if seqs, err = e.journal.Intents(entries); err != nil {
+			for _, s := range writes {
+				s.res.Outcome, s.res.Err = Failed, fmt.Errorf("executor: not acting, intent not durable: %w", err)
+			}
+			return out
+		}
+	}
+	for _, s := range writes {
 		r := s.res
 		if err := ctx.Err(); err != nil {
 			r.Outcome, r.Err = Failed, fmt.Errorf("executor: %w", err)
@@ -230,6 +263,23 @@ func (e *Executor) Apply(ctx context.Context, plan []Action) []Result {
 		}
 		if err := e.record(r); err != nil {
 			r.Err = err // the write happened; the audit failure is reported, not hidden
+		}
+	}
+	if seqs != nil {
+		cs := make([]mapper.Completion, len(writes))
+		for i, s := range writes {
+			detail := ""
+			if s.res.Err != nil {
+				detail = s.res.Err.Error()
+			}
+			cs[i] = mapper.Completion{Seq: seqs[i], Outcome: string(s.res.Outcome), Detail: detail, At: e.now().UTC()}
+		}
+		if err := e.journal.Outcomes(cs); err != nil {
+			for _, s := range writes {
+				if s.res.Err == nil {
+					s.res.Err = fmt.Errorf("executor: journal outcome: %w", err)
+				}
+			}
 		}
 	}
 	if e.audit != nil {

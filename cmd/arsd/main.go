@@ -145,9 +145,32 @@ func run() error {
 	}
 	src := agent.WatcherSource{W: discovery.NewWatcher(cfg.QMPDir, host, discovery.Options{})}
 	defer src.Close()
+	// The journal holds every write as an intent before it is made. Intents
+	// left pending by a crash are closed here: the loop re-reads the host's
+	// real state every tick before deciding, so nothing is replayed blindly.
+	journal, err := mapper.OpenJournal(filepath.Join(cfg.StateDir, "drm.db"))
+	if err != nil {
+		return err
+	}
+	defer journal.Close()
+	if pending, err := journal.Pending(); err != nil {
+		return err
+	} else if len(pending) > 0 {
+		var cs []mapper.Completion
+		for _, p := range pending {
+			log.Warn("action in flight when the previous agent stopped", "seq", p.Seq, "vm", p.VM, "kind", p.Kind,
+				"target", p.Target, "value", p.Value)
+			cs = append(cs, mapper.Completion{Seq: p.Seq, Outcome: "reconciled", At: time.Now().UTC(),
+				Detail: "agent restarted; the host's state is re-read before any new decision"})
+		}
+		if err := journal.Outcomes(cs); err != nil {
+			return err
+		}
+	}
 	// One agent per host until active/standby exists: it runs at epoch 1.
 	const epoch = 1
-	exec := executor.New(executor.Actuators{CPU: executor.Cgroups{}}, audit, cfg.DryRun, time.Now, fmt.Sprintf("arsd[%d]", os.Getpid()))
+	exec := executor.New(executor.Actuators{CPU: executor.Cgroups{}}, audit, cfg.DryRun, time.Now,
+		fmt.Sprintf("arsd[%d]", os.Getpid())).WithJournal(journal)
 	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
 		VMs: src, Runq: tel, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch, Wake: wake,
