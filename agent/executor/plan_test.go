@@ -212,7 +212,10 @@ func (j *orderJournal) Intents(es []mapper.Entry) ([]uint64, error) {
 	return seqs, nil
 }
 
-func (j *orderJournal) Outcomes(cs []mapper.Completion) error { j.done = append(j.done, cs...); return nil }
+func (j *orderJournal) Outcomes(cs []mapper.Completion) error {
+	j.done = append(j.done, cs...)
+	return nil
+}
 
 func TestJournalIntentBeforeWrite(t *testing.T) {
 	var log []string
