@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"math"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/ars-dev/ars/agent/cgroups"
@@ -66,6 +67,9 @@ type Deps struct {
 	Now     func() time.Time
 	// Epoch is the leader epoch stamped on every action (fencing token).
 	Epoch uint64
+	// Audit, when not nil, records events that are not executor actions
+	// (drift found on the host).
+	Audit func(executor.Record) error
 	// Wake, when not nil, runs a tick early (telemetry spikes); wake-ups
 	// closer than MinWakeInterval to the last tick are deferred to it.
 	Wake <-chan struct{}
@@ -95,7 +99,19 @@ type vmState struct {
 	forecast     predictor.Forecast
 	haveForecast bool
 	tracker      predictor.Tracker
+	// applied is the quota read back after the last tick; a different
+	// value at the next tick was written by someone else (drift).
+	applied     int64
+	haveApplied bool
+	drift       string // this tick's drift, for the decision's reason
+	// adopted: the VM had a limit when first seen (e.g. arsd restarted);
+	// it is kept, not shrunk, until the model has warmed up.
+	adopted bool
 }
+
+// WarmupSamples is how many samples a new model needs before ARS shrinks
+// an allocation it found in place (so a restart changes no VM's limit).
+const WarmupSamples = 30
 
 // Loop is the control loop. It is driven by one goroutine (Run or Tick).
 type Loop struct {
@@ -107,6 +123,7 @@ type Loop struct {
 	tick           uint64
 	actions        map[string]uint64
 	wakeups        uint64
+	drifts         uint64
 	telemetryState string
 }
 
@@ -206,6 +223,7 @@ func (l *Loop) Tick(ctx context.Context) {
 		cpu := mapper.CPU{Cgroup: vm.Group.CPU, Version: vm.Group.CPUVersion.String()}
 		if cs, err := l.d.ReadCPU(vm.Group); err == nil {
 			q, p := cs.QuotaUs, cs.PeriodUs
+			st.applied, st.haveApplied = q, true
 			cpu.QuotaUs, cpu.PeriodUs = q, p
 			if q > 0 && p > 0 {
 				cpu.Millicores = q * 1000 / int64(p)
@@ -225,6 +243,7 @@ func (l *Loop) Tick(ctx context.Context) {
 	}
 	snap.Generation = l.d.DRM.Snapshot().Generation
 	snap.Wakeups = l.wakeups
+	snap.Drifts = l.drifts
 	l.d.Board.Publish(snap)
 }
 
@@ -259,6 +278,13 @@ func (l *Loop) observe(vm VM, runq map[uint32]telemetry.VCPUStats) (*vmState, er
 	cur, err := l.d.ReadCPU(vm.Group)
 	if err != nil {
 		return nil, fmt.Errorf("read cpu accounting: %w", err)
+	}
+	st.drift = ""
+	if !st.havePrev && cur.QuotaUs > 0 {
+		st.adopted = true
+	}
+	if st.haveApplied && cur.QuotaUs != st.applied {
+		l.onDrift(vm, st, cur.QuotaUs)
 	}
 	now := l.d.Now()
 	prev, prevAt, had := st.prevCPU, st.prevAt, st.havePrev
@@ -362,7 +388,19 @@ func (l *Loop) decide(vm VM, st *vmState) (executor.Action, bool) {
 	if st.prevCPU.QuotaUs > 0 && st.prevCPU.PeriodUs > 0 {
 		current = st.prevCPU.QuotaUs * 1000 / int64(st.prevCPU.PeriodUs)
 	}
-	d := l.engine.CPU(vm.Name, l.cfg.SLAFor(vm.Name), f, current)
+	sla := l.cfg.SLAFor(vm.Name)
+	var d synthesizer.Decision
+	switch {
+	case st.drift != "" && l.cfg.DriftPolicy == config.DriftRepair:
+		// A fresh decision, outside hysteresis: put back what ARS decides.
+		d = l.engine.CPU(vm.Name, sla, f, 0)
+		d.Current, d.Reason = current, st.drift+"; repair: "+d.Reason
+	default:
+		d = l.engine.CPU(vm.Name, sla, f, current)
+		if st.adopted && f.Samples < WarmupSamples && d.Target < d.Current && current <= sla.CPU.CeilingMillicores {
+			d.Target, d.Reason = d.Current, fmt.Sprintf("hold: adopting the limit found in place until the model has %d samples", WarmupSamples)
+		}
+	}
 	st.last.LastDecision = d.Reason
 	if !d.Changed() {
 		return executor.Action{}, false
@@ -385,4 +423,26 @@ func (l *Loop) forget(name string) {
 	l.d.DRM.Remove(name)
 	delete(l.vms, name)
 	l.d.Log.Info("vm gone", "vm", name)
+}
+
+// onDrift handles a quota that changed since the last tick without ARS:
+// it is logged, audited and, by policy, repaired this tick or adopted.
+func (l *Loop) onDrift(vm VM, st *vmState, found int64) {
+	l.drifts++
+	st.drift = fmt.Sprintf("drift: quota %d µs found, %d µs expected", found, st.applied)
+	l.d.Log.Warn("cpu quota changed behind ARS's back", "vm", vm.Name, "found_us", found,
+		"expected_us", st.applied, "policy", l.cfg.DriftPolicy)
+	if l.d.Audit != nil {
+		if err := l.d.Audit(executor.Record{Time: l.d.Now().UTC(), Actor: "arsd", VM: vm.Name,
+			Kind: "drift." + string(executor.KindCPUQuota), Target: vm.Group.CPU,
+			Before: strconv.FormatInt(st.applied, 10), After: strconv.FormatInt(found, 10),
+			Reason: st.drift, Epoch: l.d.Epoch, Result: string(l.cfg.DriftPolicy)}); err != nil {
+			l.d.Log.Error("audit drift", "err", err)
+		}
+	}
+	if l.cfg.DriftPolicy == config.DriftAdopt {
+		// Take the new value as the current allocation; the dwell starts now.
+		st.drift = ""
+		l.engine.Touch(vm.Name)
+	}
 }

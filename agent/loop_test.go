@@ -193,3 +193,85 @@ func TestLoopTracksVMsAndWakesEarly(t *testing.T) {
 		t.Fatalf("gone VM still tracked: %v", rq.vms)
 	}
 }
+
+func newTestLoop(t *testing.T, cfg config.Config, h *fakeHost, clock *time.Time, audit func(executor.Record) error) (*Loop, *status.Board) {
+	t.Helper()
+	now := func() time.Time { return *clock }
+	board := &status.Board{}
+	vms := &fakeVMs{vms: []VM{{Name: "a", PID: 10, Group: cgroups.Group{CPU: "/a"}}}}
+	l, err := New(cfg, Deps{VMs: vms, ReadCPU: h.read, Exec: executor.New(executor.Actuators{CPU: h}, nil, false, now, "test"),
+		DRM: mapper.New(), Board: board, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: now, Audit: audit}, "fake")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l, board
+}
+
+func TestLoopRepairsDrift(t *testing.T) {
+	for _, policy := range []config.DriftPolicy{config.DriftRepair, config.DriftAdopt} {
+		t.Run(string(policy), func(t *testing.T) {
+			h := &fakeHost{want: 50, quotaUs: -1}
+			clock := time.Unix(1000, 0)
+			var audited []executor.Record
+			cfg := config.Default()
+			cfg.DriftPolicy = policy
+			l, board := newTestLoop(t, cfg, h, &clock, func(r executor.Record) error { audited = append(audited, r); return nil })
+			step := func() {
+				h.step()
+				clock = clock.Add(time.Second)
+				l.Tick(context.Background())
+			}
+			for i := 0; i < 5; i++ {
+				step()
+			}
+			if h.quotaUs != 20000 {
+				t.Fatalf("quota %d, want the floor", h.quotaUs)
+			}
+			h.quotaUs = 70000 // someone else writes the cgroup
+			step()
+			want := int64(20000)
+			if policy == config.DriftAdopt {
+				want = 70000 // kept this tick (then shrinks normally, after the dwell)
+			}
+			if h.quotaUs != want {
+				t.Fatalf("after drift: quota %d, want %d (%s)", h.quotaUs, want, board.Latest().VMs[0].LastDecision)
+			}
+			if len(audited) != 1 || audited[0].Kind != "drift.cpu.quota" || audited[0].After != "70000" || audited[0].Before != "20000" {
+				t.Fatalf("audit %+v", audited)
+			}
+			if board.Latest().Drifts != 1 {
+				t.Fatalf("drifts %d", board.Latest().Drifts)
+			}
+			step()
+			if len(audited) != 1 {
+				t.Fatalf("our own repair was taken for drift: %+v", audited)
+			}
+		})
+	}
+}
+
+// TestLoopAdoptsLimitsAfterRestart: a VM that already has a limit (arsd
+// restarted) keeps it while the model warms up, even when idle.
+func TestLoopAdoptsLimitsAfterRestart(t *testing.T) {
+	h := &fakeHost{want: 50, quotaUs: 80000}
+	clock := time.Unix(1000, 0)
+	l, _ := newTestLoop(t, config.Default(), h, &clock, nil)
+	for i := 0; i < WarmupSamples-1; i++ {
+		h.step()
+		clock = clock.Add(time.Second)
+		l.Tick(context.Background())
+		if h.quotaUs != 80000 {
+			t.Fatalf("tick %d: restart changed the quota to %d", i, h.quotaUs)
+		}
+	}
+	h.want = 2000 // but a VM that needs more still gets it at once
+	h.step()
+	clock = clock.Add(time.Second)
+	l.Tick(context.Background())
+	h.step()
+	clock = clock.Add(time.Second)
+	l.Tick(context.Background())
+	if h.quotaUs <= 80000 {
+		t.Fatalf("adopted limit blocked a grow: %d", h.quotaUs)
+	}
+}

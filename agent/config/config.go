@@ -37,6 +37,10 @@ type Config struct {
 	Tick time.Duration `yaml:"tick"`
 	// DryRun computes and audits plans without writing to the host.
 	DryRun bool `yaml:"dryRun"`
+	// DriftPolicy says what to do with a limit changed behind ARS's back:
+	// "repair" (write ARS's decision back within the tick) or "adopt"
+	// (take it as the current allocation). Either way it is audited.
+	DriftPolicy DriftPolicy `yaml:"driftPolicy"`
 	// Telemetry switches eBPF programs.
 	Telemetry Telemetry `yaml:"telemetry"`
 	// Predictor configures the forecasting model.
@@ -48,6 +52,15 @@ type Config struct {
 	// VMs holds per-VM SLAs, keyed by VM name.
 	VMs map[string]synthesizer.SLA `yaml:"vms"`
 }
+
+// DriftPolicy is what ARS does about a limit changed behind its back.
+type DriftPolicy string
+
+// Drift policies.
+const (
+	DriftRepair DriftPolicy = "repair"
+	DriftAdopt  DriftPolicy = "adopt"
+)
 
 // Telemetry configures the eBPF layer (agent/telemetry).
 type Telemetry struct {
@@ -84,6 +97,7 @@ func Default() Config {
 		MetricsAddr:   ":9464",
 		StateDir:      "/var/lib/ars",
 		Tick:          time.Second,
+		DriftPolicy:   DriftRepair,
 		Telemetry:     Telemetry{SpikeThreshold: 50 * time.Millisecond, ProgramStats: true},
 		Predictor:     predictor.DefaultConfig(),
 		Synthesizer:   synthesizer.DefaultConfig(),
@@ -167,6 +181,9 @@ func (c Config) Validate() error {
 	}
 	if c.Tick < 100*time.Millisecond || c.Tick > time.Minute {
 		errs = append(errs, fmt.Errorf("tick must be in [100ms, 1m], got %v", c.Tick))
+	}
+	if c.DriftPolicy != DriftRepair && c.DriftPolicy != DriftAdopt {
+		errs = append(errs, fmt.Errorf("driftPolicy must be repair or adopt, got %q", c.DriftPolicy))
 	}
 	if err := c.Telemetry.Validate(); err != nil {
 		errs = append(errs, err)

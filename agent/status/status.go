@@ -52,6 +52,8 @@ type Snapshot struct {
 	Generation uint64            `json:"generation"`
 	// Wakeups counts ticks run early on a run-queue delay spike.
 	Wakeups uint64 `json:"wakeups"`
+	// Drifts counts limits found changed behind ARS's back.
+	Drifts uint64 `json:"drifts"`
 }
 
 // Board holds the latest snapshot for concurrent readers.

@@ -174,6 +174,12 @@ func run() error {
 	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
 		VMs: src, Runq: tel, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch, Wake: wake,
+		Audit: func(r executor.Record) error {
+			if err := audit.Append(r); err != nil {
+				return err
+			}
+			return audit.Sync()
+		},
 		DRM: drm, Board: board, Log: log, Now: time.Now,
 	}, telemetryState)
 	if err != nil {
