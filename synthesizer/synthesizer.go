@@ -19,9 +19,30 @@ type CPUSLA struct {
 	CeilingMillicores int64 `yaml:"ceilingMillicores"`
 }
 
-// SLA is a VM's service level agreement.
+// SLA is a VM's service level agreement. Only CPU is mandatory (its floor
+// is at least 10 m); a resource whose ceiling is 0 is not managed by the
+// Planner (no floor is guaranteed, no limit is set). The zero values of
+// the fields added beside CPU keep older configs valid: class standard,
+// priority 0, the predictor's violation target, no latency target, no
+// topology changes. See sla.go for the per-resource helpers.
 type SLA struct {
-	CPU CPUSLA `yaml:"cpu"`
+	CPU     CPUSLA     `yaml:"cpu"`
+	Memory  MemorySLA  `yaml:"memory"`
+	Disk    DiskSLA    `yaml:"disk"`
+	Network NetworkSLA `yaml:"network"`
+	// Class is the priority class: critical > standard > best-effort
+	// ("" means standard).
+	Class Class `yaml:"class"`
+	// Priority orders VMs inside a class: higher wins, in [0, 999].
+	Priority int `yaml:"priority"`
+	// TargetViolation is the share of ticks on which demand may exceed the
+	// allocation, in [0, 0.5); 0 means the predictor's default.
+	TargetViolation float64 `yaml:"targetViolation"`
+	// LatencyTarget is the p99 vCPU run-queue delay the VM should see;
+	// 0 means none.
+	LatencyTarget time.Duration `yaml:"latencyTargetP99"`
+	// AllowTopologyChanges lets the guest see vCPU hotplug and balloon.
+	AllowTopologyChanges bool `yaml:"allowTopologyChanges"`
 }
 
 // DefaultSLA applies to VMs the config does not name: at least a fifth of
@@ -40,7 +61,7 @@ func (s SLA) Validate() error {
 	if c.CeilingMillicores > 1_000_000 {
 		return fmt.Errorf("cpu.ceilingMillicores %d is beyond any host (max 1000000)", c.CeilingMillicores)
 	}
-	return nil
+	return s.validateRest()
 }
 
 // Config tunes the engine.
