@@ -295,7 +295,7 @@ func TestArsdFollowsGuestLoad(t *testing.T) {
 	}
 
 	setLoad(t, v, 0)
-	q, took = waitQuota(t, cpuDir, 30*time.Second, "idle VM lowered", func(q int64) bool { return q <= 30000 })
+	q, took = waitQuota(t, cpuDir, 60*time.Second, "idle VM lowered", func(q int64) bool { return q <= 30000 })
 	t.Logf("idle again: quota %d after %v", q, took)
 
 	// Every change is in the hash-chained audit log, and arsctl verifies it

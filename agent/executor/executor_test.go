@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ars-dev/ars/agent/actuator/cgroup"
 	"github.com/ars-dev/ars/agent/cgroups"
 	"github.com/ars-dev/ars/internal/testutil"
 )
@@ -158,7 +159,7 @@ func TestRealCgroupQuota(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer audit.Close()
-	ex := New(Actuators{CPU: Cgroups{}}, audit, false, time.Now, "test")
+	ex := New(Actuators{CPU: CgroupActuator{W: cgroup.New(cgroup.Paths{Sys: "/sys"}), Host: host}}, audit, false, time.Now, "test")
 	r := ex.Apply(context.Background(), []Action{{VM: "t", Kind: KindCPUQuota, Group: g, Millicores: 350, Reason: "test"}})
 	if r[0].Outcome != Applied {
 		t.Fatalf("apply: %+v", r[0])
@@ -176,5 +177,30 @@ func TestRealCgroupQuota(t *testing.T) {
 	}
 	if n := len(readAudit(t, filepath.Join(dir, "audit.log"))); n != 1 {
 		t.Fatalf("%d audit records, want 1", n)
+	}
+}
+
+// TestRealVanishedCgroup: a VM whose cgroup is gone is "vanished", not a failure.
+func TestRealVanishedCgroup(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	host, err := cgroups.Detect(cgroups.DefaultPaths())
+	if err != nil {
+		t.Fatal(err)
+	}
+	own, err := host.CreateUnderSelf("ars-exec-gone-"+filepath.Base(t.TempDir()), "cpu", "cpuacct")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := own.Group()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := own.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	ex := New(Actuators{CPU: CgroupActuator{W: cgroup.New(cgroup.Paths{Sys: "/sys"}), Host: host}}, nil, false, time.Now, "test")
+	r := ex.Apply(context.Background(), []Action{{VM: "gone", Kind: KindCPUQuota, Group: g, Millicores: 300}})
+	if r[0].Outcome != Vanished || r[0].Err != nil {
+		t.Fatalf("vanished cgroup: %+v", r[0])
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/ars-dev/ars/agent"
+	"github.com/ars-dev/ars/agent/actuator/cgroup"
 	"github.com/ars-dev/ars/agent/cgroups"
 	"github.com/ars-dev/ars/agent/config"
 	"github.com/ars-dev/ars/agent/discovery"
@@ -169,7 +170,7 @@ func run() error {
 	}
 	// One agent per host until active/standby exists: it runs at epoch 1.
 	const epoch = 1
-	exec := executor.New(executor.Actuators{CPU: executor.Cgroups{}}, audit, cfg.DryRun, time.Now,
+	exec := executor.New(executor.Actuators{CPU: executor.CgroupActuator{W: cgroup.New(cgroup.Paths{Sys: "/sys"}), Host: host}}, audit, cfg.DryRun, time.Now,
 		fmt.Sprintf("arsd[%d]", os.Getpid())).WithJournal(journal)
 	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
