@@ -20,10 +20,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"go.yaml.in/yaml/v3"
 
 	"github.com/ars-dev/ars/agent"
 	"github.com/ars-dev/ars/agent/actuator/cgroup"
+	"github.com/ars-dev/ars/agent/actuator/tc"
 	"github.com/ars-dev/ars/agent/cgroups"
 	"github.com/ars-dev/ars/agent/config"
 	"github.com/ars-dev/ars/agent/discovery"
@@ -168,9 +170,18 @@ func run() error {
 			return err
 		}
 	}
+	// tc on the host's network namespace, where taps live.
+	shaper, err := tc.New(netns.None())
+	if err != nil {
+		return fmt.Errorf("tc: %w", err)
+	}
 	// One agent per host until active/standby exists: it runs at epoch 1.
 	const epoch = 1
-	exec := executor.New(executor.Actuators{CPU: executor.CgroupActuator{W: cgroup.New(cgroup.Paths{Sys: "/sys"}), Host: host}}, audit, cfg.DryRun, time.Now,
+	exec := executor.New(executor.Actuators{
+		CPU: executor.CgroupActuator{W: cgroup.New(cgroup.Paths{Sys: "/sys"}), Host: host},
+		QMP: (&agent.QMPControls{W: src.W}).Get,
+		TC:  shaper,
+	}, audit, cfg.DryRun, time.Now,
 		fmt.Sprintf("arsd[%d]", os.Getpid())).WithJournal(journal)
 	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
