@@ -3,6 +3,11 @@
 // allocation. It owns the SLA types, the clamping to floor and ceiling and
 // the hysteresis that keeps limits from flapping. It decides only; the
 // executor (agent/executor) is the one place that writes.
+//
+//	synthesizer.go  Engine: the per-VM CPU decision the control loop uses today
+//	sla.go          SLA for every resource, priority classes, SLA files
+//	capacity.go     host capacity (allocatable = total − reserved)
+//	planner.go      Planner: the fleet-wide tick — pool, loans, throttles, Plan
 package synthesizer
 
 import (

@@ -49,6 +49,9 @@ func run(args []string, out io.Writer) error {
 	if fs.NArg() >= 1 && fs.Arg(0) == "audit" {
 		return auditCmd(fs.Args()[1:], out)
 	}
+	if fs.NArg() >= 1 && fs.Arg(0) == "simulate" {
+		return simulate(fs.Args()[1:], out)
+	}
 	if fs.NArg() != 1 {
 		fs.Usage()
 		return fmt.Errorf("need exactly one command")
