@@ -30,7 +30,7 @@ const helperEnv = "ARS_TELEMETRY_HELPER"
 //	io DEV WRITES READS  O_DIRECT 4 KiB writes then reads on block device DEV
 func TestHelperProcess(t *testing.T) {
 	if os.Getenv(helperEnv) != "1" {
-		t.Skip("helper process for the cross-checks, not a test")
+		return // only the re-executed helper process does anything (a pass, not a skip)
 	}
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
