@@ -4,36 +4,15 @@ import (
 	"bytes"
 	"encoding/csv"
 	"math"
-	"os"
 	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/ars-dev/ars/internal/testutil"
 )
 
-// sharedData finds ../shared/data beside the repository root; tests that
-// need it skip only when the directory is absent.
-func sharedData(t testing.TB) string {
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			break
-		}
-		up := filepath.Dir(dir)
-		if up == dir {
-			t.Fatal("repository root (go.mod) not found")
-		}
-		dir = up
-	}
-	d := filepath.Join(filepath.Dir(dir), "shared", "data")
-	if _, err := os.Stat(d); err != nil {
-		t.Skipf("shared traces not present at %s: %v", d, err)
-	}
-	return d
-}
+func sharedData(t testing.TB) string { return testutil.SharedData(t) }
 
 func TestBacktestProtocolAndOutput(t *testing.T) {
 	s := []Series{{VM: "a", T: []int64{0, 300, 600, 900}, V: []float64{1, 0.1 + 0.2, 3, 2}}}

@@ -4,6 +4,7 @@
 package testutil
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -74,4 +75,16 @@ func Kernel() string {
 		return "unknown"
 	}
 	return unix.ByteSliceToString(u.Release[:])
+}
+
+// SharedData returns ../shared/data beside the repository root (the
+// traces of ../shared/data/README.md). Without it the test skips, or fails
+// under ARS_REQUIRE_PRIVILEGED=1 (CI always has it).
+func SharedData(t testing.TB) string {
+	t.Helper()
+	d := filepath.Join(filepath.Dir(RepoRoot(t)), "shared", "data")
+	if _, err := os.Stat(d); err != nil {
+		SkipOrFail(t, fmt.Sprintf("shared traces not present at %s: %v", d, err))
+	}
+	return d
 }
