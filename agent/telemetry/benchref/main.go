@@ -166,7 +166,7 @@ func run(w io.Writer, dur time.Duration, workers int) error {
 
 	fmt.Fprintf(w, "bench-bpf: kernel %s, %d CPUs, stress-ng --switch %d, %v per load; all programs attached at once\n",
 		kernel(), numCPU(), workers, dur)
-	fmt.Fprintf(w, "reference: bpf/bench/runqlat_ref.bpf.c (libbpf-tools runqlat design); floor: empty tp_btf/sched_switch\n\n")
+	fmt.Fprintf(w, "reference: bpf/bench/ref.bpf.c (libbpf-tools runqlat design); floor: empty tp_btf/sched_switch\n\n")
 
 	var untrackedARS, untrackedRef float64
 	for _, load := range []string{"untracked", "tracked"} {
