@@ -1,8 +1,10 @@
 // Package ipc owns how ARS processes talk to each other and to their
-// clients: length-prefixed frames and the Unix control socket (peer
-// identified with SO_PEERCRED) that arsctl uses. Shared-memory rings for
-// samples and replication come in a later step and will carry the same
-// frames.
+// clients: length-prefixed frames, the Unix control socket (peer
+// identified with SO_PEERCRED) that arsctl uses, and shared-memory rings
+// (a sealed memfd mapped by both sides, single producer / single
+// consumer, fixed records or frames, eventfd wake-ups) handed over with
+// SCM_RIGHTS after a policy check of the peer. arsd does not use the
+// rings yet (the collector/engine split is still to come).
 package ipc
 
 import (
