@@ -10,10 +10,11 @@ GUEST   := build/guest
 # installed on the host: guest/build.sh downloads linux-image-*-amd64 and
 # busybox-static with `apt-get download` and unpacks them into $(GUEST).
 DEB_PKGS := qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 procps \
-            clang llvm libbpf-dev bpftool stress-ng vagrant ca-certificates
+            clang llvm libbpf-dev bpftool stress-ng vagrant ca-certificates \
+            prometheus systemd
 TEST_FLAGS ?= -count=1 -p 1 -timeout 30m
 
-.PHONY: all build deps guest generate check-generate vmlinux test unit bench bench-bpf demo clean
+.PHONY: all build deps guest generate check-generate vmlinux test unit bench bench-bpf demo clean install
 
 all: build
 
@@ -71,3 +72,19 @@ demo: deps guest build
 
 clean:
 	rm -rf $(BIN) build
+
+# Installs the binaries, the systemd unit (ExecStart follows PREFIX) and the
+# deploy/ files under $(DESTDIR)$(PREFIX)/share/ars. Does not enable the unit.
+PREFIX  ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc/ars \
+	  $(DESTDIR)$(PREFIX)/share/ars/prometheus $(DESTDIR)$(PREFIX)/share/ars/grafana $(DESTDIR)$(PREFIX)/share/ars/kubernetes
+	install -m 0755 $(BIN)/arsd $(BIN)/arsctl $(DESTDIR)$(PREFIX)/bin/
+	sed -e 's#/usr/local/bin/#$(PREFIX)/bin/#g' -e 's#/usr/local/share/#$(PREFIX)/share/#g' \
+	  deploy/systemd/arsd.service > $(DESTDIR)$(UNITDIR)/arsd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/arsd.service
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(PREFIX)/share/doc/ars/
+	install -m 0644 deploy/prometheus/*.yml $(DESTDIR)$(PREFIX)/share/ars/prometheus/
+	cp -R deploy/grafana/. $(DESTDIR)$(PREFIX)/share/ars/grafana/
+	install -m 0644 deploy/kubernetes/*.yaml $(DESTDIR)$(PREFIX)/share/ars/kubernetes/
