@@ -70,6 +70,9 @@ type Deps struct {
 	// Audit, when not nil, records events that are not executor actions
 	// (drift found on the host).
 	Audit func(executor.Record) error
+	// AuditRotated is where an unverifiable audit log was moved at start
+	// ("" if it verified); published for the metrics.
+	AuditRotated string
 	// Wake, when not nil, runs a tick early (telemetry spikes); wake-ups
 	// closer than MinWakeInterval to the last tick are deferred to it.
 	Wake <-chan struct{}
@@ -244,6 +247,7 @@ func (l *Loop) Tick(ctx context.Context) {
 	snap.Generation = l.d.DRM.Snapshot().Generation
 	snap.Wakeups = l.wakeups
 	snap.Drifts = l.drifts
+	snap.AuditRotated = l.d.AuditRotated
 	l.d.Board.Publish(snap)
 }
 

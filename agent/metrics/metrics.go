@@ -47,6 +47,12 @@ var (
 		"Ticks in which the VM's CPU demand exceeded the allocation in force.", vmLabels, nil)
 	violationRatioDesc = prometheus.NewDesc("ars_vm_cpu_violation_ratio",
 		"Share of recent ticks (EWMA over about 100) in which CPU demand exceeded the allocation.", vmLabels, nil)
+	auditOKDesc = prometheus.NewDesc("ars_audit_verify_ok",
+		"1 when the audit log's hash chain verified at start, 0 when it did not and was moved aside.", nil, nil)
+	driftsDesc = prometheus.NewDesc("ars_drifts_total",
+		"Limits found changed behind ARS's back (audited, then repaired or adopted).", nil, nil)
+	wakeupsDesc = prometheus.NewDesc("ars_loop_wakeups_total",
+		"Control loop ticks run early on a vCPU run-queue delay spike.", nil, nil)
 	vmsDesc = prometheus.NewDesc("ars_vms",
 		"VMs managed by this agent.", nil, nil)
 	actionsDesc = prometheus.NewDesc("ars_actions_total",
@@ -68,7 +74,7 @@ func NewCollector(board *status.Board) *Collector { return &Collector{board: boa
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{usageDesc, demandDesc, forecastDesc, allocDesc, floorDesc,
-		ceilingDesc, throttledDesc, runqP99Desc, runqMeanDesc, predErrDesc, predMAEDesc, violationsDesc, violationRatioDesc, vmsDesc, actionsDesc, ticksDesc, genDesc, buildDesc} {
+		ceilingDesc, throttledDesc, runqP99Desc, runqMeanDesc, predErrDesc, predMAEDesc, violationsDesc, violationRatioDesc, auditOKDesc, driftsDesc, wakeupsDesc, vmsDesc, actionsDesc, ticksDesc, genDesc, buildDesc} {
 		ch <- d
 	}
 }
@@ -97,6 +103,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	g(vmsDesc, float64(len(s.VMs)))
+	auditOK := 1.0
+	if s.AuditRotated != "" {
+		auditOK = 0
+	}
+	g(auditOKDesc, auditOK)
+	ch <- prometheus.MustNewConstMetric(driftsDesc, prometheus.CounterValue, float64(s.Drifts))
+	ch <- prometheus.MustNewConstMetric(wakeupsDesc, prometheus.CounterValue, float64(s.Wakeups))
 	for k, v := range s.Actions {
 		kind, outcome, _ := strings.Cut(k, "/")
 		ch <- prometheus.MustNewConstMetric(actionsDesc, prometheus.CounterValue, float64(v), kind, outcome)

@@ -13,7 +13,7 @@ import (
 func TestCollectorGolden(t *testing.T) {
 	var b status.Board
 	b.Publish(status.Snapshot{
-		Tick: 7, Generation: 3,
+		Tick: 7, Generation: 3, Drifts: 2, AuditRotated: "/var/lib/ars/audit.log.unverified-x",
 		VMs: []status.VM{{
 			Name: "web", UsageMillicores: 500, DemandMillicores: 750, ForecastMillicores: 600,
 			AllocMillicores: 800, FloorMillicores: 200, CeilingMillicores: 1500, ThrottledPeriods: 4,
@@ -45,6 +45,12 @@ ars_vm_cpu_violations_total{vm="web"} 3
 # TYPE ars_vm_cpu_prediction_error_cores gauge
 ars_vm_cpu_prediction_error_cores{vm="idle"} 0
 ars_vm_cpu_prediction_error_cores{vm="web"} 0.12
+# HELP ars_audit_verify_ok 1 when the audit log's hash chain verified at start, 0 when it did not and was moved aside.
+# TYPE ars_audit_verify_ok gauge
+ars_audit_verify_ok 0
+# HELP ars_drifts_total Limits found changed behind ARS's back (audited, then repaired or adopted).
+# TYPE ars_drifts_total counter
+ars_drifts_total 2
 # HELP ars_vms VMs managed by this agent.
 # TYPE ars_vms gauge
 ars_vms 2
@@ -57,11 +63,11 @@ ars_build_info{goversion="` + runtime.Version() + `",version="` + Version + `"} 
 `
 	if err := testutil.CollectAndCompare(NewCollector(&b), strings.NewReader(want),
 		"ars_actions_total", "ars_vm_cpu_allocation_cores", "ars_vm_runqueue_delay_p99_seconds",
-		"ars_vm_cpu_demand_cores", "ars_vm_cpu_violations_total", "ars_vm_cpu_prediction_error_cores", "ars_vms", "ars_ticks_total", "ars_build_info"); err != nil {
+		"ars_vm_cpu_demand_cores", "ars_vm_cpu_violations_total", "ars_vm_cpu_prediction_error_cores", "ars_audit_verify_ok", "ars_drifts_total", "ars_vms", "ars_ticks_total", "ars_build_info"); err != nil {
 		t.Fatal(err)
 	}
-	if n := testutil.CollectAndCount(NewCollector(&b)); n != 2*11+2+5 {
-		// 11 always-present per-VM series ×2, runq p99+mean for web; vms, actions, ticks, gen, build
+	if n := testutil.CollectAndCount(NewCollector(&b)); n != 2*11+2+8 {
+		// 11 always-present per-VM series ×2, runq p99+mean for web; vms, audit, drifts, wakeups, actions, ticks, gen, build
 		t.Fatalf("collected %d metrics", n)
 	}
 }

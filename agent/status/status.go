@@ -54,6 +54,9 @@ type Snapshot struct {
 	Wakeups uint64 `json:"wakeups"`
 	// Drifts counts limits found changed behind ARS's back.
 	Drifts uint64 `json:"drifts"`
+	// AuditRotated is where arsd moved an audit log that did not verify
+	// at start ("" when the chain verified).
+	AuditRotated string `json:"audit_rotated,omitempty"`
 }
 
 // Board holds the latest snapshot for concurrent readers.

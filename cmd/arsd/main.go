@@ -186,6 +186,7 @@ func run() error {
 	exec.SetEpoch(epoch)
 	loop, err := agent.New(cfg, agent.Deps{
 		VMs: src, Runq: tel, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch, Wake: wake,
+		AuditRotated: audit.Rotated,
 		Audit: func(r executor.Record) error {
 			if err := audit.Append(r); err != nil {
 				return err
