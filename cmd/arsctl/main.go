@@ -2,7 +2,7 @@
 // state through the control socket.
 //
 //	arsctl [--socket PATH] [--json] vms     per-VM usage, delay, forecast, allocation
-//	arsctl [--socket PATH] [--json] drm     the dynamic resource map
+//	arsctl [--socket PATH] [--json] [--vm NAME] drm  the dynamic resource map
 //	arsctl [--socket PATH] [--json] status  the whole last snapshot
 //	arsctl audit verify [--log FILE]        check the audit log's hash chain
 //	arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]
@@ -36,8 +36,9 @@ func run(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("arsctl", flag.ContinueOnError)
 	sock := fs.String("socket", config.Default().ControlSocket, "arsd control socket")
 	asJSON := fs.Bool("json", false, "print raw JSON")
+	vmName := fs.String("vm", "", "drm: only this VM")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] vms|drm|status\n       arsctl audit verify [--log FILE]\n       arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]")
+		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] [--vm NAME] vms|drm|status\n       arsctl audit verify [--log FILE]\n       arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -72,6 +73,18 @@ func run(args []string, out io.Writer) error {
 		var snap mapper.Snapshot
 		if err := ipc.Call(ctx, *sock, "drm", nil, &snap); err != nil {
 			return err
+		}
+		if *vmName != "" {
+			kept := snap.VMs[:0]
+			for _, v := range snap.VMs {
+				if v.Name == *vmName {
+					kept = append(kept, v)
+				}
+			}
+			if len(kept) == 0 {
+				return fmt.Errorf("no VM %q in the DRM", *vmName)
+			}
+			snap.VMs = kept
 		}
 		if *asJSON {
 			return printJSON(out, snap)

@@ -44,6 +44,17 @@ func TestCommandsAgainstAServer(t *testing.T) {
 	if !strings.Contains(out.String(), "vm/web/vcpu/0") || !strings.Contains(out.String(), "tid=43") {
 		t.Fatalf("drm output:\n%s", out.String())
 	}
+	drm.Put(mapper.VM{Name: "db", PID: 50})
+	out.Reset()
+	if err := run([]string{"--socket", sock, "--vm", "db", "drm"}, &out); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "vm/db") || strings.Contains(out.String(), "vm/web") {
+		t.Fatalf("drm --vm db output:\n%s", out.String())
+	}
+	if err := run([]string{"--socket", sock, "--vm", "nope", "drm"}, io.Discard); err == nil {
+		t.Fatal("drm --vm of an unknown VM succeeded")
+	}
 	out.Reset()
 	if err := run([]string{"--socket", sock, "--json", "vms"}, &out); err != nil {
 		t.Fatal(err)
