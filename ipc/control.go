@@ -104,20 +104,27 @@ func (s *Server) Serve(ctx context.Context) error {
 	if s.ln == nil {
 		return errors.New("control socket: Serve before Listen")
 	}
-	go func() { <-ctx.Done(); s.ln.Close() }()
+	return acceptLoop(ctx, s.ln, &s.wg, "control socket", func(c *net.UnixConn) { s.handle(ctx, c) })
+}
+
+// acceptLoop accepts on ln until ctx is done, running handle for each
+// connection in its own goroutine tracked by wg; it returns once every
+// handler has returned (nil when ctx ended it).
+func acceptLoop(ctx context.Context, ln *net.UnixListener, wg *sync.WaitGroup, what string, handle func(*net.UnixConn)) error {
+	go func() { <-ctx.Done(); ln.Close() }()
 	for {
-		c, err := s.ln.AcceptUnix()
+		c, err := ln.AcceptUnix()
 		if err != nil {
-			s.wg.Wait()
+			wg.Wait()
 			if ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("control socket: accept: %w", err)
+			return fmt.Errorf("%s: accept: %w", what, err)
 		}
-		s.wg.Add(1)
+		wg.Add(1)
 		go func() {
-			defer s.wg.Done()
-			s.handle(ctx, c)
+			defer wg.Done()
+			handle(c)
 		}()
 	}
 }

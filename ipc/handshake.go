@@ -59,29 +59,16 @@ func (s *RingServer) Serve(ctx context.Context, produce func(ctx context.Context
 	if s.ln == nil {
 		return errors.New("ring socket: Serve before Listen")
 	}
-	go func() { <-ctx.Done(); s.ln.Close() }()
-	for {
-		c, err := s.ln.AcceptUnix()
+	return acceptLoop(ctx, s.ln, &s.wg, "ring socket", func(c *net.UnixConn) {
+		defer c.Close()
+		peer, p, err := ServeRingConn(c, s.auth, s.cfg)
 		if err != nil {
-			s.wg.Wait()
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("ring socket: accept: %w", err)
+			s.log.Warn("ring: handshake failed", "err", err)
+			return
 		}
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			defer c.Close()
-			peer, p, err := ServeRingConn(c, s.auth, s.cfg)
-			if err != nil {
-				s.log.Warn("ring: handshake failed", "err", err)
-				return
-			}
-			defer p.Close()
-			produce(ctx, peer, p)
-		}()
-	}
+		defer p.Close()
+		produce(ctx, peer, p)
+	})
 }
 
 // ServeRingConn runs the server side of the handshake on an accepted
