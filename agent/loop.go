@@ -214,6 +214,15 @@ func (l *Loop) Tick(ctx context.Context) {
 			l.d.Log.Info("cpu quota", "vm", r.Action.VM, "outcome", r.Outcome,
 				"before", r.Before, "after", r.After, "reason", r.Action.Reason)
 		}
+		// What ARS wrote is what it expects to find next tick. It is taken
+		// from the write itself, never read back from the kernel later: a
+		// change by someone else between the write and a read-back would
+		// otherwise be taken for ours and never seen as drift.
+		if st, ok := l.vms[r.Action.VM]; ok && r.Outcome == executor.Applied && r.Action.Kind == executor.KindCPUQuota {
+			if q, err := strconv.ParseInt(r.After, 10, 64); err == nil {
+				st.applied = q
+			}
+		}
 	}
 
 	// Record what is in force now, read back from the kernel.
@@ -226,7 +235,6 @@ func (l *Loop) Tick(ctx context.Context) {
 		cpu := mapper.CPU{Cgroup: vm.Group.CPU, Version: vm.Group.CPUVersion.String()}
 		if cs, err := l.d.ReadCPU(vm.Group); err == nil {
 			q, p := cs.QuotaUs, cs.PeriodUs
-			st.applied, st.haveApplied = q, true
 			cpu.QuotaUs, cpu.PeriodUs = q, p
 			if q > 0 && p > 0 {
 				cpu.Millicores = q * 1000 / int64(p)
@@ -287,7 +295,11 @@ func (l *Loop) observe(vm VM, runq map[uint32]telemetry.VCPUStats) (*vmState, er
 	if !st.havePrev && cur.QuotaUs > 0 {
 		st.adopted = true
 	}
-	if st.haveApplied && cur.QuotaUs != st.applied {
+	switch {
+	case !st.haveApplied:
+		// First sight: what is in place is what we expect from now on.
+		st.applied, st.haveApplied = cur.QuotaUs, true
+	case cur.QuotaUs != st.applied:
 		l.onDrift(vm, st, cur.QuotaUs)
 	}
 	now := l.d.Now()
@@ -444,6 +456,9 @@ func (l *Loop) onDrift(vm VM, st *vmState, found int64) {
 			l.d.Log.Error("audit drift", "err", err)
 		}
 	}
+	// The value found is the new baseline: a repair write this tick
+	// replaces it; a failed or unneeded repair is not reported again.
+	st.applied = found
 	if l.cfg.DriftPolicy == config.DriftAdopt {
 		// Take the new value as the current allocation; the dwell starts now.
 		st.drift = ""

@@ -23,6 +23,9 @@ type fakeHost struct {
 	usageNs uint64
 	periods uint64
 	thr     uint64
+	// intrude, when set, is written by "someone else" right after our
+	// next quota write, before the loop can read anything back.
+	intrude int64
 }
 
 func (h *fakeHost) step() {
@@ -43,7 +46,13 @@ func (h *fakeHost) read(g cgroups.Group) (cgroups.CPUStat, error) {
 }
 
 func (h *fakeHost) ReadQuota(cgroups.Group) (int64, uint64, error) { return h.quotaUs, 100000, nil }
-func (h *fakeHost) WriteQuota(_ cgroups.Group, q int64) error      { h.quotaUs = q; return nil }
+func (h *fakeHost) WriteQuota(_ cgroups.Group, q int64) error {
+	h.quotaUs = q
+	if h.intrude != 0 {
+		h.quotaUs, h.intrude = h.intrude, 0
+	}
+	return nil
+}
 
 type fakeVMs struct{ vms []VM }
 
@@ -273,5 +282,27 @@ func TestLoopAdoptsLimitsAfterRestart(t *testing.T) {
 	l.Tick(context.Background())
 	if h.quotaUs <= 80000 {
 		t.Fatalf("adopted limit blocked a grow: %d", h.quotaUs)
+	}
+}
+
+// TestLoopSeesDriftRightAfterItsOwnWrite: a write by someone else that
+// lands between ARS's write and anything ARS reads back is still drift
+// (this raced in CI when the expected value was read back from the kernel).
+func TestLoopSeesDriftRightAfterItsOwnWrite(t *testing.T) {
+	h := &fakeHost{want: 50, quotaUs: -1}
+	clock := time.Unix(1000, 0)
+	var audited []executor.Record
+	l, _ := newTestLoop(t, config.Default(), h, &clock, func(r executor.Record) error { audited = append(audited, r); return nil })
+	h.intrude = 35000
+	for i := 0; i < 3; i++ {
+		h.step()
+		clock = clock.Add(time.Second)
+		l.Tick(context.Background())
+	}
+	if len(audited) == 0 || audited[0].Kind != "drift.cpu.quota" || audited[0].After != "35000" {
+		t.Fatalf("intruding write not seen as drift: %+v", audited)
+	}
+	if h.quotaUs != 20000 {
+		t.Fatalf("drift not repaired: quota %d", h.quotaUs)
 	}
 }
