@@ -76,6 +76,8 @@ type Deps struct {
 	// Wake, when not nil, runs a tick early (telemetry spikes); wake-ups
 	// closer than MinWakeInterval to the last tick are deferred to it.
 	Wake <-chan struct{}
+	// SLAs holds the SLAs in force (nil: the config's, fixed).
+	SLAs *SLAStore
 }
 
 // MinWakeInterval bounds how often early wake-ups can tick.
@@ -136,6 +138,11 @@ func New(cfg config.Config, d Deps, telemetryState string) (*Loop, error) {
 	eng, err := synthesizer.New(cfg.Synthesizer, d.Now)
 	if err != nil {
 		return nil, err
+	}
+	if d.SLAs == nil {
+		if d.SLAs, err = NewSLAStore(cfg.DefaultSLA, cfg.VMs, synthesizer.Capacity{}, ""); err != nil {
+			return nil, err
+		}
 	}
 	return &Loop{cfg: cfg, d: d, engine: eng, vms: map[string]*vmState{},
 		actions: map[string]uint64{}, telemetryState: telemetryState}, nil
@@ -277,7 +284,7 @@ func (l *Loop) observe(vm VM, runq map[uint32]telemetry.VCPUStats) (*vmState, er
 		}
 		l.d.Log.Info("vm discovered", "vm", vm.Name, "pid", vm.PID, "vcpus", len(vm.VCPUs), "cgroup", vm.Group.CPU)
 	}
-	sla := l.cfg.SLAFor(vm.Name)
+	sla, _ := l.d.SLAs.For(vm.Name)
 	st.last = status.VM{Name: vm.Name, PID: vm.PID, VCPUs: len(vm.VCPUs),
 		FloorMillicores: sla.CPU.FloorMillicores, CeilingMillicores: sla.CPU.CeilingMillicores,
 		LastDecision: st.last.LastDecision}
@@ -404,7 +411,7 @@ func (l *Loop) decide(vm VM, st *vmState) (executor.Action, bool) {
 	if st.prevCPU.QuotaUs > 0 && st.prevCPU.PeriodUs > 0 {
 		current = st.prevCPU.QuotaUs * 1000 / int64(st.prevCPU.PeriodUs)
 	}
-	sla := l.cfg.SLAFor(vm.Name)
+	sla, _ := l.d.SLAs.For(vm.Name)
 	var d synthesizer.Decision
 	switch {
 	case st.drift != "" && l.cfg.DriftPolicy == config.DriftRepair:

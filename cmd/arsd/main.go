@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -35,6 +34,7 @@ import (
 	"github.com/ars-dev/ars/agent/telemetry"
 	"github.com/ars-dev/ars/ipc"
 	"github.com/ars-dev/ars/mapper"
+	"github.com/ars-dev/ars/synthesizer"
 )
 
 func main() {
@@ -184,7 +184,14 @@ func run() error {
 	}, audit, cfg.DryRun, time.Now,
 		fmt.Sprintf("arsd[%d]", os.Getpid())).WithJournal(journal)
 	exec.SetEpoch(epoch)
+	// SLAs set through the control API persist beside the audit log; a bad
+	// file is reported and the config's SLAs are used.
+	slas, err := agent.NewSLAStore(cfg.DefaultSLA, cfg.VMs, synthesizer.Capacity{}, filepath.Join(cfg.StateDir, "sla.yaml"))
+	if err != nil {
+		log.Error("SLA overrides not loaded", "err", err)
+	}
 	loop, err := agent.New(cfg, agent.Deps{
+		SLAs: slas,
 		VMs: src, Runq: tel, ReadCPU: cgroups.ReadCPU, Exec: exec, Epoch: epoch, Wake: wake,
 		AuditRotated: audit.Rotated,
 		Audit: func(r executor.Record) error {
@@ -200,9 +207,7 @@ func run() error {
 	}
 
 	ctl := ipc.NewServer(cfg.ControlSocket, ipc.RootOnly, log)
-	ctl.Register("status", func(context.Context, ipc.Peer, json.RawMessage) (any, error) { return board.Latest(), nil })
-	ctl.Register("vms", func(context.Context, ipc.Peer, json.RawMessage) (any, error) { return board.Latest().VMs, nil })
-	ctl.Register("drm", func(context.Context, ipc.Peer, json.RawMessage) (any, error) { return drm.Snapshot(), nil })
+	registerControl(ctl, controlDeps{Board: board, DRM: drm, SLAs: slas, Log: log})
 	if err := ctl.Listen(); err != nil {
 		return err
 	}
