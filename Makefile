@@ -6,15 +6,17 @@ export PATH := /usr/local/go/bin:$(PATH)
 GO      ?= go
 BIN     := bin
 GUEST   := build/guest
+# QEMU accelerator for the demo's guests: tcg here; kvm in the Vagrant box.
+ACCEL   ?= tcg
 # Debian packages the build, tests and demo use. The guest kernel is not
 # installed on the host: guest/build.sh downloads linux-image-*-amd64 and
 # busybox-static with `apt-get download` and unpacks them into $(GUEST).
 DEB_PKGS := qemu-system-x86 qemu-utils busybox-static cpio kmod iproute2 procps \
             clang llvm libbpf-dev bpftool stress-ng vagrant ca-certificates \
-            prometheus systemd
+            prometheus systemd libcap2-bin
 TEST_FLAGS ?= -count=1 -p 1 -timeout 30m
 
-.PHONY: all build deps guest generate check-generate vmlinux test unit bench bench-bpf demo clean install
+.PHONY: all build deps guest generate check-generate vmlinux test unit bench bench-bpf bench-ipc fuzz demo clean install
 
 all: build
 
@@ -56,6 +58,7 @@ test: deps guest
 	$(GO) vet ./...
 	@$(MAKE) --no-print-directory check-generate
 	$(GO) test $(TEST_FLAGS) ./...
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(TEST_FUZZTIME)
 
 bench: deps guest
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
@@ -67,8 +70,31 @@ bench-bpf:
 	@command -v stress-ng >/dev/null || $(MAKE) --no-print-directory deps
 	$(GO) run ./agent/telemetry/benchref $(BENCH_BPF_FLAGS)
 
+# Cross-process 64-byte records: the shared-memory ring next to a Unix
+# SOCK_SEQPACKET pair and a Go channel (see docs/BENCHMARKS.md, IPC). The
+# last line is: ipc ring_msgs_per_s=.. unix_msgs_per_s=.. ratio=.. p99_ns=..
+bench-ipc:
+	@out=$$($(GO) test -run '^$$' -bench 'IPC64$$' -benchtime 1x -count 1 ./ipc/ 2>&1) || { echo "$$out"; exit 1; }; \
+	echo "$$out" | grep -v '^ipc ring_msgs_per_s='; echo "$$out" | grep '^ipc ring_msgs_per_s=' | tail -1
+
+# Runs every fuzz target for FUZZTIME each (plain `go test` runs their
+# seed corpora in testdata/fuzz). `make test` runs them for TEST_FUZZTIME
+# each (about a minute in all). A failing input is written to the
+# package's testdata/fuzz/<Target>/ and the run stops.
+FUZZTIME ?= 10s
+TEST_FUZZTIME ?= 3s
+FUZZ_TARGETS := ./agent/config:FuzzParse ./agent/authz:FuzzParse ./synthesizer:FuzzParseFleet \
+                ./predictor:FuzzParseBitbrains ./predictor:FuzzParseLong ./agent/qmp:FuzzDecodeMessage \
+                ./agent/executor:FuzzVerify ./ipc:FuzzReadFrame ./ipc:FuzzRingDecode ./ipc:FuzzDecodeEnvelope \
+                ./ipc:FuzzDecodeRequest ./cmd/arsd:FuzzControlParams
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
+	  echo "==> $$pkg $$fn ($(FUZZTIME))"; \
+	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$pkg; \
+	done
+
 demo: deps guest build
-	@$(BIN)/ars-demo --arsd $(BIN)/arsd --guest $(GUEST)
+	@$(BIN)/ars-demo --arsd $(BIN)/arsd --guest $(GUEST) --accel $(ACCEL)
 
 clean:
 	rm -rf $(BIN) build

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/ars-dev/ars/agent/actuator/qmpact"
 	"github.com/ars-dev/ars/agent/cgroups"
 	"github.com/ars-dev/ars/agent/config"
 	"github.com/ars-dev/ars/agent/executor"
@@ -73,11 +74,20 @@ type Deps struct {
 	// AuditRotated is where an unverifiable audit log was moved at start
 	// ("" if it verified); published for the metrics.
 	AuditRotated string
+	// JournalRotated is where an unreadable DRM journal was moved at start
+	// ("" if it opened); published for the metrics.
+	JournalRotated string
 	// Wake, when not nil, runs a tick early (telemetry spikes); wake-ups
 	// closer than MinWakeInterval to the last tick are deferred to it.
 	Wake <-chan struct{}
 	// SLAs holds the SLAs in force (nil: the config's, fixed).
 	SLAs *SLAStore
+	// QMP, when not nil, reaches a VM's QEMU to read its balloon and guest
+	// memory statistics (memory is managed only with it).
+	QMP func(vm string) (qmpact.VMControl, error)
+	// Capacity is the host's allocatable capacity the Planner shares out
+	// (zero Total: that resource is not limited by the host).
+	Capacity synthesizer.Capacity
 }
 
 // MinWakeInterval bounds how often early wake-ups can tick.
@@ -112,6 +122,16 @@ type vmState struct {
 	// adopted: the VM had a limit when first seen (e.g. arsd restarted);
 	// it is kept, not shrunk, until the model has warmed up.
 	adopted bool
+	// cur is the allocation in force as read this tick (CPU millicores,
+	// 0 = unlimited; memory MiB from the balloon), required what the
+	// forecast asks for (−1: unknown, hold).
+	cur, required [synthesizer.NumResources]int64
+	mem           memState
+	sla           synthesizer.SLA // as planned this tick (unmanaged parts zeroed)
+	driftFrom     int64           // the quota ARS expected before this tick's drift
+	hold          string          // why a shrink is held (restart adoption)
+	forecastNote  string
+	throttled     [synthesizer.NumResources]bool
 }
 
 // WarmupSamples is how many samples a new model needs before ARS shrinks
@@ -120,10 +140,15 @@ const WarmupSamples = 30
 
 // Loop is the control loop. It is driven by one goroutine (Run or Tick).
 type Loop struct {
-	cfg            config.Config
-	d              Deps
-	engine         *synthesizer.Engine
-	vms            map[string]*vmState
+	cfg     config.Config
+	d       Deps
+	planner *synthesizer.Planner
+	vms     map[string]*vmState
+	// loans are the open loans after the last plan, to audit new and
+	// returned ones; throttled counts VM-resource ticks short of need.
+	loans          map[loanKey]synthesizer.Loan
+	throttled      map[string]uint64
+	planErr        string
 	nextSlot       uint32
 	tick           uint64
 	actions        map[string]uint64
@@ -135,7 +160,7 @@ type Loop struct {
 // New builds a loop; telemetryState describes the eBPF layer for status
 // ("runqlat" or why it is off).
 func New(cfg config.Config, d Deps, telemetryState string) (*Loop, error) {
-	eng, err := synthesizer.New(cfg.Synthesizer, d.Now)
+	pl, err := synthesizer.NewPlanner(cfg.Synthesizer.Planner(), d.Now)
 	if err != nil {
 		return nil, err
 	}
@@ -144,7 +169,8 @@ func New(cfg config.Config, d Deps, telemetryState string) (*Loop, error) {
 			return nil, err
 		}
 	}
-	return &Loop{cfg: cfg, d: d, engine: eng, vms: map[string]*vmState{},
+	return &Loop{cfg: cfg, d: d, planner: pl, vms: map[string]*vmState{},
+		loans: map[loanKey]synthesizer.Loan{}, throttled: map[string]uint64{},
 		actions: map[string]uint64{}, telemetryState: telemetryState}, nil
 }
 
@@ -172,7 +198,8 @@ func (l *Loop) Run(ctx context.Context) error {
 	}
 }
 
-// Tick runs one control step.
+// Tick runs one control step: observe every VM, plan the whole host with
+// the Planner, apply the plan through the executor, record the result.
 func (l *Loop) Tick(ctx context.Context) {
 	l.tick++
 	var errs []string
@@ -198,16 +225,28 @@ func (l *Loop) Tick(ctx context.Context) {
 		}
 	}
 
-	var actions []executor.Action
+	var live []VM
+	var inputs []synthesizer.VMInput
 	for _, vm := range found {
 		st, err := l.observe(vm, runq)
 		if err != nil {
 			errs = append(errs, fmt.Sprintf("%s: %v", vm.Name, err))
 			continue
 		}
-		if a, ok := l.decide(vm, st); ok {
-			actions = append(actions, a)
+		if err := l.observeMem(ctx, vm, st); err != nil {
+			errs = append(errs, fmt.Sprintf("%s: memory: %v", vm.Name, err))
 		}
+		live = append(live, vm)
+		inputs = append(inputs, l.input(vm, st))
+	}
+
+	plan, err := l.plan(inputs)
+	if err != nil {
+		errs = append(errs, err.Error())
+	}
+	var actions []executor.Action
+	if plan != nil {
+		actions = l.actionsFor(live, plan)
 	}
 
 	for _, r := range l.d.Exec.Apply(ctx, actions) {
@@ -218,7 +257,7 @@ func (l *Loop) Tick(ctx context.Context) {
 			continue
 		}
 		if r.Outcome == executor.Applied || r.Outcome == executor.DryRun {
-			l.d.Log.Info("cpu quota", "vm", r.Action.VM, "outcome", r.Outcome,
+			l.d.Log.Info("limit changed", "vm", r.Action.VM, "kind", r.Action.Kind, "outcome", r.Outcome,
 				"before", r.Before, "after", r.After, "reason", r.Action.Reason)
 		}
 		// What ARS wrote is what it expects to find next tick. It is taken
@@ -230,15 +269,19 @@ func (l *Loop) Tick(ctx context.Context) {
 				st.applied = q
 			}
 		}
+		if st, ok := l.vms[r.Action.VM]; ok && r.Outcome == executor.Applied && r.Action.Kind == executor.KindBalloon {
+			st.mem.targetMiB = int64(r.Action.Bytes >> 20)
+			st.mem.changedAt = l.d.Now()
+		}
+	}
+	if plan != nil {
+		l.recordPlan(plan)
 	}
 
 	// Record what is in force now, read back from the kernel.
 	snap := status.Snapshot{Time: l.d.Now(), Tick: l.tick, Telemetry: l.telemetryState, Errors: errs}
-	for _, vm := range found {
-		st, ok := l.vms[vm.Name]
-		if !ok {
-			continue
-		}
+	for _, vm := range live {
+		st := l.vms[vm.Name]
 		cpu := mapper.CPU{Cgroup: vm.Group.CPU, Version: vm.Group.CPUVersion.String()}
 		if cs, err := l.d.ReadCPU(vm.Group); err == nil {
 			q, p := cs.QuotaUs, cs.PeriodUs
@@ -250,11 +293,24 @@ func (l *Loop) Tick(ctx context.Context) {
 			cpu.QuotaUs = st.prevCPU.QuotaUs
 			cpu.PeriodUs = st.prevCPU.PeriodUs
 		}
-		l.d.DRM.Put(mapper.VM{Name: vm.Name, PID: vm.PID, QMP: vm.Socket, VCPUs: vm.VCPUs, CPU: cpu})
+		row := mapper.VM{Name: vm.Name, PID: vm.PID, QMP: vm.Socket, VCPUs: vm.VCPUs, CPU: cpu}
+		if st.mem.valid {
+			row.Mem = &mapper.Mem{BalloonMiB: st.mem.actualMiB,
+				TargetMiB: st.mem.targetMiB, MaxMiB: st.mem.maxMiB, UsedMiB: int64(st.mem.usedMiB)}
+		}
+		l.d.DRM.Put(row)
 		st.last.AllocMillicores = cpu.Millicores
 		snap.VMs = append(snap.VMs, st.last)
 	}
 	sort.Slice(snap.VMs, func(i, j int) bool { return snap.VMs[i].Name < snap.VMs[j].Name })
+	l.d.DRM.SetLoans(mapperLoans(l.planner.Loans()))
+	snap.Loans = statusLoans(l.planner.Loans())
+	snap.Capacity = l.capacityStatus(plan)
+	snap.PlanError = l.planErr
+	snap.Throttled = make(map[string]uint64, len(l.throttled))
+	for k, v := range l.throttled {
+		snap.Throttled[k] = v
+	}
 	snap.Actions = make(map[string]uint64, len(l.actions))
 	for k, v := range l.actions {
 		snap.Actions[k] = v
@@ -263,6 +319,7 @@ func (l *Loop) Tick(ctx context.Context) {
 	snap.Wakeups = l.wakeups
 	snap.Drifts = l.drifts
 	snap.AuditRotated = l.d.AuditRotated
+	snap.JournalRotated = l.d.JournalRotated
 	l.d.Board.Publish(snap)
 }
 
@@ -399,39 +456,6 @@ func (l *Loop) runqDelay(st *vmState, runq map[uint32]telemetry.VCPUStats) {
 	}
 }
 
-// decide asks the synthesizer for the VM's CPU allocation.
-func (l *Loop) decide(vm VM, st *vmState) (executor.Action, bool) {
-	f, ok := st.model.Forecast()
-	if !ok {
-		return executor.Action{}, false
-	}
-	st.last.ForecastMillicores = f.P50
-	st.forecast, st.haveForecast = f, true
-	var current int64
-	if st.prevCPU.QuotaUs > 0 && st.prevCPU.PeriodUs > 0 {
-		current = st.prevCPU.QuotaUs * 1000 / int64(st.prevCPU.PeriodUs)
-	}
-	sla, _ := l.d.SLAs.For(vm.Name)
-	var d synthesizer.Decision
-	switch {
-	case st.drift != "" && l.cfg.DriftPolicy == config.DriftRepair:
-		// A fresh decision, outside hysteresis: put back what ARS decides.
-		d = l.engine.CPU(vm.Name, sla, f, 0)
-		d.Current, d.Reason = current, st.drift+"; repair: "+d.Reason
-	default:
-		d = l.engine.CPU(vm.Name, sla, f, current)
-		if st.adopted && f.Samples < WarmupSamples && d.Target < d.Current && current <= sla.CPU.CeilingMillicores {
-			d.Target, d.Reason = d.Current, fmt.Sprintf("hold: adopting the limit found in place until the model has %d samples", WarmupSamples)
-		}
-	}
-	st.last.LastDecision = d.Reason
-	if !d.Changed() {
-		return executor.Action{}, false
-	}
-	return executor.Action{VM: vm.Name, Kind: executor.KindCPUQuota, Group: vm.Group,
-		Millicores: d.Target, Reason: d.Reason, Epoch: l.d.Epoch}, true
-}
-
 func (l *Loop) forget(name string) {
 	st := l.vms[name]
 	if l.d.Runq != nil {
@@ -442,7 +466,7 @@ func (l *Loop) forget(name string) {
 			t.UntrackVM(st.slot)
 		}
 	}
-	l.engine.Forget(name)
+	l.planner.Forget(name)
 	l.d.DRM.Remove(name)
 	delete(l.vms, name)
 	l.d.Log.Info("vm gone", "vm", name)
@@ -465,10 +489,10 @@ func (l *Loop) onDrift(vm VM, st *vmState, found int64) {
 	}
 	// The value found is the new baseline: a repair write this tick
 	// replaces it; a failed or unneeded repair is not reported again.
-	st.applied = found
+	st.driftFrom, st.applied = st.applied, found
 	if l.cfg.DriftPolicy == config.DriftAdopt {
 		// Take the new value as the current allocation; the dwell starts now.
 		st.drift = ""
-		l.engine.Touch(vm.Name)
+		l.planner.Touch(vm.Name, synthesizer.CPU)
 	}
 }

@@ -5,14 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"regexp"
 	"sort"
 	"sync"
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/ars-dev/ars/internal/atomicfile"
 	"github.com/ars-dev/ars/synthesizer"
 )
 
@@ -50,7 +49,7 @@ func NewSLAStore(def synthesizer.SLA, vms map[string]synthesizer.SLA, c synthesi
 	if path == "" {
 		return s, nil
 	}
-	b, err := readNoFollow(path, maxOverrideFile)
+	b, _, err := slaFormat().Load(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return s, nil
 	}
@@ -148,7 +147,7 @@ func (s *SLAStore) Set(vm string, sla synthesizer.SLA) error {
 		if err != nil {
 			return err
 		}
-		if err := writeFileAtomic(s.path, b); err != nil {
+		if err := slaFormat().Save(s.path, b, atomicfile.Options{}); err != nil {
 			return fmt.Errorf("persist sla: %w", err)
 		}
 	}
@@ -156,58 +155,10 @@ func (s *SLAStore) Set(vm string, sla synthesizer.SLA) error {
 	return nil
 }
 
-// readNoFollow reads at most max bytes of a regular file, refusing a
-// symlink in the last path element.
-func readNoFollow(path string, max int64) ([]byte, error) {
-	fi, err := os.Lstat(path)
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("not a regular file (mode %v); refusing to follow it", fi.Mode().Type())
-	}
-	if fi.Size() > max {
-		return nil, fmt.Errorf("%d bytes, larger than %d", fi.Size(), max)
-	}
-	return os.ReadFile(path)
-}
-
-// writeFileAtomic writes b to path with mode 0600: a temporary file in
-// the same directory, fsync, rename over path, fsync of the directory.
-// A crash leaves either the old or the new content, never a mix.
-func writeFileAtomic(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if fi, err := os.Lstat(path); err == nil && fi.Mode()&fs.ModeSymlink != 0 {
-		return fmt.Errorf("%s is a symlink; refusing to replace it", path)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+// slaFormat is the overrides file's format: YAML under an atomicfile
+// header (checksum, version). A headerless file from before headers is
+// format 0 and is migrated as is.
+func slaFormat() atomicfile.Format {
+	return atomicfile.Format{Kind: "sla", Version: 1, Legacy: true, Max: maxOverrideFile,
+		Migrate: map[int]atomicfile.Migration{0: func(b []byte) ([]byte, error) { return b, nil }}}
 }

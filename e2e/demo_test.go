@@ -27,7 +27,7 @@ func TestDemoRunsAndCleansUp(t *testing.T) {
 	work := t.TempDir()
 	demo := build(t, "./cmd/ars-demo", work)
 	arsd := build(t, "./cmd/arsd", work)
-	out, err := exec.Command(demo, "--arsd", arsd, "--guest", guestDir, "--idle", "6s", "--busy", "15s").CombinedOutput()
+	out, err := exec.Command(demo, "--arsd", arsd, "--guest", guestDir, "--idle", "10s", "--busy", "45s").CombinedOutput()
 	t.Logf("demo output (tail):\n%s", tail(string(out), 12))
 	if err != nil {
 		t.Fatalf("demo failed: %v", err)

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,8 +23,13 @@ type arsdProc struct {
 }
 
 // startArsd runs arsd with args; it is stopped in t.Cleanup.
-func startArsd(t *testing.T, bin string, args ...string) *arsdProc {
+func startArsd(t testing.TB, bin string, args ...string) *arsdProc {
 	t.Helper()
+	if !slices.Contains(args, "--bpf-pin-dir") {
+		// Tests do not pin into the host's /sys/fs/bpf/ars (failover tests
+		// pin into a private bpffs of their own).
+		args = append(args, "--bpf-pin-dir", "off")
+	}
 	p := &arsdProc{cmd: exec.Command(bin, args...), log: &bytes.Buffer{}, exited: make(chan error, 1)}
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
@@ -100,5 +106,12 @@ func TestArsdRepairsDriftAndSurvivesRestart(t *testing.T) {
 			t.Fatalf("restarted arsd changed the quota to %d after %v", q, time.Since(start))
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	// The restarted agent's DRM is restored from the host: the VM's row
+	// holds the quota in force.
+	arsctl := build(t, "./cmd/arsctl", work)
+	drm := drmOf(t, arsctl, filepath.Join(work, "arsd.sock"), "e2e")
+	if len(drm.VMs) != 1 || drm.VMs[0].CPU.QuotaUs != 70000 || len(drm.VMs[0].VCPUs) == 0 {
+		t.Fatalf("DRM after restart: %+v", drm)
 	}
 }

@@ -40,6 +40,9 @@ var (
 		QMPSocket: filepath.Join(qmpDir, "e2e.sock")})
 )
 
+// defaultPinDir is arsd's default --bpf-pin-dir.
+const defaultPinDir = "/sys/fs/bpf/ars"
+
 func mustTempDir() string {
 	d, err := os.MkdirTemp("", "ars-e2e-qmp-")
 	if err != nil {
@@ -49,7 +52,13 @@ func mustTempDir() string {
 }
 
 func TestMain(m *testing.M) {
+	// arsd pins its eBPF objects under /sys/fs/bpf/ars by default; remove
+	// what the tests' agents pinned there (unless it predates the tests).
+	_, pinErr := os.Stat(defaultPinDir)
 	code := guest.Run(m)
+	if os.IsNotExist(pinErr) {
+		telemetry.Unpin(defaultPinDir)
+	}
 	os.RemoveAll(qmpDir)
 	os.Exit(code)
 }
@@ -189,7 +198,7 @@ func build(t testing.TB, pkg, out string) string {
 	return bin
 }
 
-func readQuota(t *testing.T, dir string) int64 {
+func readQuota(t testing.TB, dir string) int64 {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dir, "cpu.cfs_quota_us"))
 	if err != nil {
@@ -202,8 +211,9 @@ func readQuota(t *testing.T, dir string) int64 {
 	return q
 }
 
-// waitQuota polls the cgroup file until cond holds or the deadline passes.
-func waitQuota(t *testing.T, dir string, limit time.Duration, what string, cond func(int64) bool) (int64, time.Duration) {
+// waitQuota polls the cgroup file every 10 ms until cond holds or the
+// deadline passes.
+func waitQuota(t testing.TB, dir string, limit time.Duration, what string, cond func(int64) bool) (int64, time.Duration) {
 	t.Helper()
 	start := time.Now()
 	for {
@@ -214,7 +224,7 @@ func waitQuota(t *testing.T, dir string, limit time.Duration, what string, cond 
 		if time.Since(start) > limit {
 			t.Fatalf("%s: quota still %d after %v", what, q, limit)
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -243,7 +253,7 @@ func TestArsdFollowsGuestLoad(t *testing.T) {
 	ctl := filepath.Join(work, "run", "arsd.sock")
 	var logBuf bytes.Buffer
 	cmd := exec.Command(arsd, "--qmp-dir", qmpDir, "--control-socket", ctl,
-		"--metrics-addr", metricsAddr, "--state-dir", filepath.Join(work, "state"))
+		"--metrics-addr", metricsAddr, "--state-dir", filepath.Join(work, "state"), "--bpf-pin-dir", "off")
 	cmd.Stdout, cmd.Stderr = &logBuf, &logBuf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

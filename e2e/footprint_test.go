@@ -83,7 +83,7 @@ func BenchmarkAgentFootprint10VMs(b *testing.B) {
 	arsd := build(b, "./cmd/arsd", work)
 	var logBuf bytes.Buffer
 	cmd := exec.Command(arsd, "--qmp-dir", qdir, "--control-socket", filepath.Join(work, "arsd.sock"),
-		"--metrics-addr", "off", "--state-dir", filepath.Join(work, "state"))
+		"--metrics-addr", "off", "--state-dir", filepath.Join(work, "state"), "--bpf-pin-dir", "off")
 	cmd.Stdout, cmd.Stderr = &logBuf, &logBuf
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)

@@ -212,7 +212,7 @@ scrape_configs:
 	// Every dashboard query parses; the core ones return data. Others
 	// (block I/O, network, page faults, eBPF run time) depend on what the
 	// guest does and on kernel BPF stats, so they are reported, not required.
-	mustHaveData := regexp.MustCompile(`ars_vm_cpu_(usage|demand|forecast|allocation|floor|ceiling)_cores|ars_build_info|ars_ticks_total|ars_bpf_probe_up|ars_vcpu_runqueue_delay_seconds_bucket|ars_vms\b|ars_drm_generation|process_resident_memory_bytes|up\{`)
+	mustHaveData := regexp.MustCompile(`ars_vm_cpu_(usage|demand|forecast|allocation|floor|ceiling|required)_cores|ars_host_allocatable|ars_vm_borrowed|ars_build_info|ars_ticks_total|ars_bpf_probe_up|ars_vcpu_runqueue_delay_seconds_bucket|ars_vms\b|ars_drm_generation|process_resident_memory_bytes|up\{`)
 	var empty []string
 	for where, raw := range dashboardExprs(t) {
 		expr := grafanaVars.Replace(raw)

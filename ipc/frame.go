@@ -3,8 +3,10 @@
 // identified with SO_PEERCRED) that arsctl uses, and shared-memory rings
 // (a sealed memfd mapped by both sides, single producer / single
 // consumer, fixed records or frames, eventfd wake-ups) handed over with
-// SCM_RIGHTS after a policy check of the peer. arsd does not use the
-// rings yet (the collector/engine split is still to come).
+// SCM_RIGHTS after a policy check of the peer, with a versioned frame
+// envelope (type, generation, sequence) for the streams on them. arsd
+// uses rings between its collector and engine processes, to feed
+// `arsctl top`, and for the standby's replication stream.
 package ipc
 
 import (

@@ -142,6 +142,15 @@ func DialRing(ctx context.Context, path string, serverAuth Authorizer, cfg RingC
 	}
 	c := nc.(*net.UnixConn)
 	defer c.Close() // the consumer keeps its own dup
+	return ReceiveRing(ctx, c, serverAuth, cfg)
+}
+
+// ReceiveRing runs the client side of the handshake on a connected socket
+// (DialRing's, or one end of a socketpair shared with a child process):
+// identify and check the server, receive the memfd and eventfd, attach.
+// c stays the caller's; the consumer watches a dup of it and a pidfd of
+// the server, and c may go on carrying other traffic.
+func ReceiveRing(ctx context.Context, c *net.UnixConn, serverAuth Authorizer, cfg RingConfig) (*Consumer, Peer, error) {
 	peer, err := PeerOf(c)
 	if err != nil {
 		return nil, peer, fmt.Errorf("identify ring server: %w", err)
@@ -156,6 +165,7 @@ func DialRing(ctx context.Context, path string, serverAuth Authorizer, cfg RingC
 	} else {
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	}
+	defer c.SetReadDeadline(time.Time{})
 	buf := make([]byte, 4096)
 	oob := make([]byte, unix.CmsgSpace(4*4))
 	n, oobn, flags, _, err := c.ReadMsgUnix(buf, oob)

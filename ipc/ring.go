@@ -131,7 +131,8 @@ type ring struct {
 	memfd    int
 	efd      int
 	spin     int
-	watch    []int // fds whose readiness means the peer is gone (pidfd, socket)
+	watch    []int  // fds whose readiness means the peer is gone (pidfd, socket)
+	watchPid []bool // watch[i] is a pidfd (readable = exited); else a socket (hang-up = gone)
 	closed   atomic.Bool
 }
 
@@ -157,7 +158,21 @@ func (r *ring) release() {
 			unix.Close(fd)
 		}
 	}
-	r.memfd, r.efd, r.watch = -1, -1, nil
+	r.memfd, r.efd, r.watch, r.watchPid = -1, -1, nil, nil
+}
+
+// watchPollFds appends the watch fds to pfds. A socket is polled for
+// hang-up only: data the peer sends on it (a control protocol after the
+// handshake) must not look like readiness, or a sleeping reader would spin.
+func (r *ring) watchPollFds(pfds []unix.PollFd) []unix.PollFd {
+	for i, fd := range r.watch {
+		ev := int16(unix.POLLRDHUP)
+		if r.watchPid[i] {
+			ev = unix.POLLIN
+		}
+		pfds = append(pfds, unix.PollFd{Fd: int32(fd), Events: ev})
+	}
+	return pfds
 }
 
 // peerGone polls the watch fds without blocking.
@@ -165,11 +180,7 @@ func (r *ring) peerGone() bool {
 	if len(r.watch) == 0 {
 		return false
 	}
-	pfds := make([]unix.PollFd, len(r.watch))
-	for i, fd := range r.watch {
-		pfds[i] = unix.PollFd{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}
-	}
-	return r.pollGone(pfds, 0)
+	return r.pollGone(r.watchPollFds(nil), 0)
 }
 
 // pollGone polls pfds (watch fds, optionally preceded by others) and says
@@ -186,12 +197,13 @@ func (r *ring) pollGone(pfds []unix.PollFd, timeoutMs int) bool {
 	for i := first; i < len(pfds); i++ {
 		re := pfds[i].Revents
 		// A pidfd turns readable when the process exits; the socket
-		// reports RDHUP/HUP when the peer closes (nothing is sent on it
-		// after the handshake).
+		// reports RDHUP/HUP when the peer closes (it is polled for
+		// hang-up only, so a protocol on it after the handshake, like
+		// the collector's requests, does not count).
 		if re&(unix.POLLHUP|unix.POLLRDHUP|unix.POLLERR|unix.POLLNVAL) != 0 {
 			return true
 		}
-		if re&unix.POLLIN != 0 && fdIs(int(pfds[i].Fd), "anon_inode:[pidfd]") {
+		if re&unix.POLLIN != 0 && r.watchPid[i-first] {
 			return true
 		}
 	}
@@ -200,7 +212,19 @@ func (r *ring) pollGone(pfds []unix.PollFd, timeoutMs int) bool {
 
 // AddPeerWatch hands the ring an fd whose readiness means the peer is gone
 // (a pidfd, or the handshake socket). The ring owns and closes it.
-func (r *ring) AddPeerWatch(fd int) { r.watch = append(r.watch, fd) }
+func (r *ring) AddPeerWatch(fd int) {
+	r.watch = append(r.watch, fd)
+	r.watchPid = append(r.watchPid, fdIs(fd, "anon_inode:[pidfd]"))
+}
+
+// PeerGone says, without blocking, whether a watched peer has died or
+// hung up (always false without watches).
+func (r *ring) PeerGone() bool {
+	if r.mem == nil {
+		return true
+	}
+	return r.peerGone()
+}
 
 // ---------------------------------------------------------------- producer
 
@@ -330,6 +354,9 @@ func (p *Producer) free(need uint64, block bool) error {
 		wait := time.Since(since)
 		if wait < 200*time.Microsecond {
 			runtime.Gosched()
+			if i&15 == 0 {
+				cpuYield() // the consumer may be waiting for this very CPU
+			}
 			continue
 		}
 		if i%16 == 0 && p.peerGone() {
@@ -597,9 +624,15 @@ func (c *Consumer) wait(block bool) error {
 			return ErrWouldBlock
 		}
 		if c.spin < 0 || i < c.spin {
-			if i&63 == 63 {
+			switch {
+			case i&1023 == 1023:
+				// Let the producer have this CPU if the scheduler put it
+				// here: with a non-preemptive kernel it would otherwise
+				// wait for our time slice to end (milliseconds).
+				cpuYield()
+			case i&63 == 63:
 				runtime.Gosched()
-			} else {
+			default:
 				spinPause()
 			}
 			continue
@@ -612,9 +645,7 @@ func (c *Consumer) wait(block bool) error {
 		}
 		pfds := make([]unix.PollFd, 0, 1+len(c.watch))
 		pfds = append(pfds, unix.PollFd{Fd: int32(c.efd), Events: unix.POLLIN})
-		for _, fd := range c.watch {
-			pfds = append(pfds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP})
-		}
+		pfds = c.watchPollFds(pfds)
 		// The timeout only bounds how long Close from another goroutine
 		// takes to be noticed; an idle consumer wakes 4 times a second.
 		gone := c.pollGone(pfds, 250)
@@ -759,6 +790,11 @@ func (c *Consumer) Close() error {
 	c.release()
 	return nil
 }
+
+// cpuYield gives the CPU to another runnable task on it (sched_yield):
+// runtime.Gosched only yields to goroutines of this process, not to the
+// peer process the scheduler may have put on the same CPU.
+func cpuYield() { unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0) }
 
 //go:noinline
 func spinPause() {

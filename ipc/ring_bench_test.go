@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -29,7 +30,10 @@ func BenchmarkIPC64(b *testing.B) {
 		ring := ringThroughput(b, nThr)
 		unixT := unixThroughput(b, nUnix)
 		ch := chanThroughput(nThr)
-		spin := ringLatency(b, "lat", nLat, RingConfig{Spin: -1})
+		// Spinning presumes a CPU per side: pin the producer to CPU 0 and
+		// this process to CPU 1 (unpinned, the scheduler may stack both on
+		// one CPU and every record waits for a time slice or a yield).
+		spin := spinLatency(b, nLat)
 		block := ringLatency(b, "latb", 2000, RingConfig{Spin: 1})
 		ul := unixLatency(b, nLat)
 		b.ReportMetric(ring, "ring_msgs/s")
@@ -43,6 +47,8 @@ func BenchmarkIPC64(b *testing.B) {
 		b.ReportMetric(pct(block, 99), "block_p99_ns")
 		b.ReportMetric(pct(ul, 50), "unix_p50_ns")
 		b.ReportMetric(pct(ul, 99), "unix_p99_ns")
+		fmt.Printf("ipc detail ring_MB_per_s=%.0f chan_msgs_per_s=%.0f spin_p50_ns=%.0f spin_p99_ns=%.0f block_p50_ns=%.0f block_p99_ns=%.0f unix_p50_ns=%.0f unix_p99_ns=%.0f\n",
+			ring*64/1e6, ch, pct(spin, 50), pct(spin, 99), pct(block, 50), pct(block, 99), pct(ul, 50), pct(ul, 99))
 		fmt.Printf("ipc ring_msgs_per_s=%.0f unix_msgs_per_s=%.0f ratio=%.1f p99_ns=%.0f\n", ring, unixT, ring/unixT, pct(spin, 99))
 	}
 }
@@ -84,10 +90,16 @@ func ringThroughput(b *testing.B, n int) float64 {
 }
 
 func ringLatency(b *testing.B, mode string, n int, cfg RingConfig) []int64 {
-	c, cmd := startHelper(b, fmt.Sprintf("%s %d", mode, n), cfg)
+	return ringLatencyOn(b, fmt.Sprintf("%s %d", mode, n), cfg, -1)
+}
+
+// ringLatencyOn runs a latency helper (mode "lat N" or "latb N [US]"),
+// pinned to helperCPU when ≥ 0, and returns the one-way latencies.
+func ringLatencyOn(b *testing.B, mode string, cfg RingConfig, helperCPU int) []int64 {
+	c, cmd := startHelperOn(b, mode, cfg, helperCPU)
 	defer c.Close()
 	buf := make([]byte, 64)
-	lat := make([]int64, 0, n)
+	var lat []int64
 	for {
 		err := c.ReadRecord(buf)
 		now := time.Now().UnixNano()
@@ -101,6 +113,15 @@ func ringLatency(b *testing.B, mode string, n int, cfg RingConfig) []int64 {
 	}
 	cmd.Wait()
 	return lat[min(len(lat), 100):] // warm-up
+}
+
+func spinLatency(b *testing.B, n int) []int64 {
+	if runtime.NumCPU() < 2 {
+		return ringLatency(b, "lat", n, RingConfig{Spin: -1})
+	}
+	restore := pinProcess(1)
+	defer restore()
+	return ringLatencyOn(b, fmt.Sprintf("lat %d", n), RingConfig{Spin: -1}, 0)
 }
 
 func chanThroughput(n int) float64 {

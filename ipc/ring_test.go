@@ -546,16 +546,25 @@ const ringHelperEnv = "ARS_RING_HELPER"
 // records and closes cleanly; "die N" writes N records, flushes and
 // SIGKILLs itself; "bench N" writes N 64-byte records as fast as it can;
 // "lat N" writes N timestamped records, one at a time (each once the
-// previous one is consumed); "latb N" the same with a 200 µs pause first.
+// previous one is consumed); "latb N [US]" the same with a pause of US
+// µs (default 200) before each record, so a blocking consumer is asleep.
 func TestRingHelperProcess(t *testing.T) {
 	mode := os.Getenv(ringHelperEnv)
 	if mode == "" {
 		return
 	}
 	var kind string
-	var n int
-	fmt.Sscanf(mode, "%s %d", &kind, &n)
+	var n, pauseUS int
+	fmt.Sscanf(mode, "%s %d %d", &kind, &n, &pauseUS)
+	if pauseUS <= 0 {
+		pauseUS = 200
+	}
 	path := os.Getenv("ARS_RING_PATH")
+	if cpu := os.Getenv("ARS_RING_HELPER_CPU"); cpu != "" {
+		var n int
+		fmt.Sscanf(cpu, "%d", &n)
+		pinProcess(n)
+	}
 	s := NewRingServer(path, func(Peer, string) error { return nil }, RingConfig{Capacity: 64 * 4096, RecordSize: 64}, slog.Default())
 	if err := s.Listen(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -572,15 +581,19 @@ func TestRingHelperProcess(t *testing.T) {
 			binary.LittleEndian.PutUint64(rec, uint64(i))
 			if kind == "lat" || kind == "latb" {
 				if kind == "latb" { // let the consumer fall asleep
-					time.Sleep(200 * time.Microsecond)
+					time.Sleep(time.Duration(pauseUS) * time.Microsecond)
 				}
 				binary.LittleEndian.PutUint64(rec[8:], uint64(time.Now().UnixNano()))
 				if err := p.WriteRecord(rec); err != nil {
 					os.Exit(3)
 				}
 				p.Flush()
-				for atomic.LoadUint64(p.u64(offTail)) != p.head {
-					spinPause()
+				for n := 1; atomic.LoadUint64(p.u64(offTail)) != p.head; n++ {
+					if n&255 == 0 {
+						cpuYield() // the consumer may be queued on this CPU
+					} else {
+						spinPause()
+					}
 				}
 				continue
 			}
@@ -600,10 +613,18 @@ func TestRingHelperProcess(t *testing.T) {
 
 // startHelper re-executes the test binary as a ring producer and dials it.
 func startHelper(t testing.TB, mode string, cfg RingConfig) (*Consumer, *exec.Cmd) {
+	return startHelperOn(t, mode, cfg, -1)
+}
+
+// startHelperOn is startHelper with the helper pinned to helperCPU (≥ 0).
+func startHelperOn(t testing.TB, mode string, cfg RingConfig, helperCPU int) (*Consumer, *exec.Cmd) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "h", "ring.sock")
 	cmd := exec.Command(os.Args[0], "-test.run=^TestRingHelperProcess$", "-test.count=1")
 	cmd.Env = append(os.Environ(), ringHelperEnv+"="+mode, "ARS_RING_PATH="+path)
+	if helperCPU >= 0 {
+		cmd.Env = append(cmd.Env, fmt.Sprintf("ARS_RING_HELPER_CPU=%d", helperCPU))
+	}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -712,6 +733,24 @@ func TestRingConsumerHelper(t *testing.T) {
 	}
 	c.ReadRecord(make([]byte, 64))
 	os.Exit(0)
+}
+
+// pinProcess sets the affinity of every thread of this process to cpu
+// (threads created later inherit it) and returns a function undoing it.
+func pinProcess(cpu int) (restore func()) {
+	var all, one unix.CPUSet
+	unix.SchedGetaffinity(0, &all)
+	one.Set(cpu)
+	set := func(s *unix.CPUSet) {
+		ents, _ := os.ReadDir("/proc/self/task")
+		for _, e := range ents {
+			var tid int
+			fmt.Sscanf(e.Name(), "%d", &tid)
+			unix.SchedSetaffinity(tid, s)
+		}
+	}
+	set(&one)
+	return func() { set(&all) }
 }
 
 func unsafePtr(b []byte, off int) unsafe.Pointer { return unsafe.Pointer(&b[off]) }

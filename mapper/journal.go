@@ -30,7 +30,11 @@ type Entry struct {
 	Done    time.Time `json:"done,omitempty"`
 }
 
-var entriesBucket = []byte("journal")
+var (
+	entriesBucket = []byte("journal")
+	metaBucket    = []byte("meta")
+	auditHeadKey  = []byte("audit_head")
+)
 
 // Journal is the durable record of intents and outcomes, a bbolt file
 // (0600, never opened through a symlink). Every Intent and Outcome is one
@@ -50,7 +54,10 @@ func OpenJournal(path string) (*Journal, error) {
 		return nil, fmt.Errorf("journal: open %s: %w", path, err)
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(entriesBucket)
+		if _, err := tx.CreateBucketIfNotExists(entriesBucket); err != nil {
+			return err
+		}
+		_, err := tx.CreateBucketIfNotExists(metaBucket)
 		return err
 	}); err != nil {
 		db.Close()
@@ -174,3 +181,36 @@ func (j *Journal) Pending() ([]Entry, error) {
 
 // Close closes the file.
 func (j *Journal) Close() error { return j.db.Close() }
+
+// AuditHead is the audit chain's tip as last recorded with SetAuditHead.
+type AuditHead struct {
+	Seq  uint64 `json:"seq"`
+	Hash string `json:"hash"`
+}
+
+// SetAuditHead records the audit log's tip (one fsynced transaction), so
+// that a log whose tail was cut — with its head file rewritten to match —
+// no longer reaches it.
+func (j *Journal) SetAuditHead(h AuditHead) error {
+	b, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	return j.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(metaBucket).Put(auditHeadKey, b) })
+}
+
+// AuditHead returns the recorded audit tip; ok is false when none is.
+func (j *Journal) AuditHead() (h AuditHead, ok bool, err error) {
+	err = j.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(metaBucket).Get(auditHeadKey)
+		if b == nil {
+			return nil
+		}
+		if err := json.Unmarshal(b, &h); err != nil {
+			return fmt.Errorf("journal: audit head: %w", err)
+		}
+		ok = true
+		return nil
+	})
+	return h, ok, err
+}

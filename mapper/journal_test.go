@@ -71,3 +71,26 @@ func BenchmarkJournalIntentOutcome(b *testing.B) {
 		}
 	}
 }
+
+func TestJournalAuditHead(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "drm.db")
+	j, err := OpenJournal(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := j.AuditHead(); ok || err != nil {
+		t.Fatalf("fresh journal has an audit head: %v %v", ok, err)
+	}
+	if err := j.SetAuditHead(AuditHead{Seq: 7, Hash: "ab"}); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	j, err = OpenJournal(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	if h, ok, err := j.AuditHead(); !ok || err != nil || h != (AuditHead{Seq: 7, Hash: "ab"}) {
+		t.Fatalf("audit head after reopen: %+v %v %v", h, ok, err)
+	}
+}

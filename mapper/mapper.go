@@ -1,8 +1,9 @@
 // Package mapper is the Dynamic Resource Map (DRM): the table of record of
 // what each VM's virtual resources are mapped to on the host — vCPU →
-// thread id, VM → cgroup and CPU quota. Every change bumps a generation
-// number. In this version the table lives in memory; the durable journal is
-// a later step. It is safe for concurrent use: the control loop writes, the
+// thread id, VM → cgroup and CPU quota, memory → balloon — and the open
+// loans between VMs. Every change bumps a generation number. The table
+// lives in memory; journal.go is the durable record of intents and
+// outcomes. It is safe for concurrent use: the control loop writes, the
 // control socket and metrics read.
 package mapper
 
@@ -11,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 )
 
 // VCPU maps a virtual CPU to its host thread.
@@ -28,6 +30,17 @@ type CPU struct {
 	Millicores int64  `json:"millicores"`
 }
 
+// Mem is where a VM's memory allocation lives: the balloon (actual size
+// and the target ARS set, both MiB, bounded by the boot memory) and the
+// QEMU process's memory cgroup.
+type Mem struct {
+	Cgroup     string `json:"cgroup,omitempty"`
+	BalloonMiB int64  `json:"balloon_mib"`
+	TargetMiB  int64  `json:"target_mib"`
+	MaxMiB     int64  `json:"max_mib"`
+	UsedMiB    int64  `json:"used_mib"`
+}
+
 // VM is one VM's row set.
 type VM struct {
 	Name       string `json:"name"`
@@ -35,13 +48,24 @@ type VM struct {
 	QMP        string `json:"qmp"`
 	VCPUs      []VCPU `json:"vcpus"`
 	CPU        CPU    `json:"cpu"`
+	Mem        *Mem   `json:"mem,omitempty"` // nil: memory not managed
 	Generation uint64 `json:"generation"`
+}
+
+// Loan is an amount of a resource that Lender gave up to Borrower.
+type Loan struct {
+	Lender   string    `json:"lender"`
+	Borrower string    `json:"borrower"`
+	Resource string    `json:"resource"`
+	Amount   int64     `json:"amount"`
+	Since    time.Time `json:"since"`
 }
 
 // Snapshot is a consistent copy of the table.
 type Snapshot struct {
 	Generation uint64 `json:"generation"`
 	VMs        []VM   `json:"vms"`
+	Loans      []Loan `json:"loans,omitempty"`
 }
 
 // Row is one key → value line of the map, for the CLI.
@@ -65,15 +89,53 @@ func (s Snapshot) Rows() []Row {
 		}
 		rows = append(rows, Row{p + "/cpu", fmt.Sprintf("cgroup=%s (%s) quota_us=%s period_us=%d millicores=%d",
 			vm.CPU.Cgroup, vm.CPU.Version, quota, vm.CPU.PeriodUs, vm.CPU.Millicores)})
+		if m := vm.Mem; m != nil {
+			rows = append(rows, Row{p + "/mem", fmt.Sprintf("cgroup=%s balloon_mib=%d target_mib=%d max_mib=%d used_mib=%d",
+				m.Cgroup, m.BalloonMiB, m.TargetMiB, m.MaxMiB, m.UsedMiB)})
+		}
+	}
+	for _, l := range s.Loans {
+		rows = append(rows, Row{fmt.Sprintf("loan/%s/%s/%s", l.Resource, l.Lender, l.Borrower),
+			fmt.Sprintf("amount=%d since=%s", l.Amount, l.Since.UTC().Format(time.RFC3339))})
 	}
 	return rows
 }
 
+// Filter keeps one VM's rows and the loans it is party to.
+func (s Snapshot) Filter(name string) Snapshot {
+	out := Snapshot{Generation: s.Generation}
+	for _, vm := range s.VMs {
+		if vm.Name == name {
+			out.VMs = append(out.VMs, vm)
+		}
+	}
+	for _, l := range s.Loans {
+		if l.Lender == name || l.Borrower == name {
+			out.Loans = append(out.Loans, l)
+		}
+	}
+	return out
+}
+
 // Table is the DRM.
 type Table struct {
-	mu  sync.RWMutex
-	gen uint64
-	vms map[string]VM
+	mu    sync.RWMutex
+	gen   uint64
+	vms   map[string]VM
+	loans []Loan
+}
+
+// SetLoans replaces the open loans; the generation is bumped when they
+// changed.
+func (t *Table) SetLoans(ls []Loan) uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if slices.Equal(t.loans, ls) {
+		return t.gen
+	}
+	t.loans = slices.Clone(ls)
+	t.gen++
+	return t.gen
 }
 
 // New returns an empty table.
@@ -86,6 +148,10 @@ func (t *Table) Put(vm VM) uint64 {
 	defer t.mu.Unlock()
 	old, ok := t.vms[vm.Name]
 	vm.VCPUs = slices.Clone(vm.VCPUs)
+	if vm.Mem != nil {
+		m := *vm.Mem
+		vm.Mem = &m
+	}
 	if ok {
 		vm.Generation = old.Generation
 		if equal(old, vm) {
@@ -100,7 +166,7 @@ func (t *Table) Put(vm VM) uint64 {
 
 func equal(a, b VM) bool {
 	return a.Name == b.Name && a.PID == b.PID && a.QMP == b.QMP && a.CPU == b.CPU &&
-		slices.Equal(a.VCPUs, b.VCPUs)
+		slices.Equal(a.VCPUs, b.VCPUs) && (a.Mem == nil) == (b.Mem == nil) && (a.Mem == nil || *a.Mem == *b.Mem)
 }
 
 // SetCPU updates a VM's CPU mapping; it errors for an unknown VM.
@@ -151,7 +217,7 @@ func (t *Table) Names() []string {
 func (t *Table) Snapshot() Snapshot {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	s := Snapshot{Generation: t.gen}
+	s := Snapshot{Generation: t.gen, Loans: slices.Clone(t.loans)}
 	for _, vm := range t.vms {
 		vm.VCPUs = slices.Clone(vm.VCPUs)
 		s.VMs = append(s.VMs, vm)

@@ -346,3 +346,91 @@ func (res *BacktestResult) Index(name string) int {
 	}
 	return -1
 }
+
+// HorizonResult is the ars model's score h steps ahead.
+type HorizonResult struct {
+	H          int
+	Steps      int
+	Violations int
+	Slack      float64 // Σ max(a−u,0) / Σ u
+}
+
+// ViolationRate is Violations / Steps.
+func (r HorizonResult) ViolationRate() float64 {
+	if r.Steps == 0 {
+		return 0
+	}
+	return float64(r.Violations) / float64(r.Steps)
+}
+
+// BacktestHorizon replays every series through "ars" forecasting horizon
+// steps ahead and scores the allocation made for h steps ahead (Ahead[h-1],
+// decided after sample j) against sample j+h, for h = 1..horizon.
+func BacktestHorizon(series []Series, alpha float64, horizon int) ([]HorizonResult, error) {
+	if horizon < 1 || horizon > MaxHorizon {
+		return nil, fmt.Errorf("predictor: horizon must be in [1, %d], got %d", MaxHorizon, horizon)
+	}
+	type acc struct {
+		steps, viol  [MaxHorizon]int
+		slack, usage [MaxHorizon]float64
+	}
+	parts := make([]acc, len(series))
+	var wg sync.WaitGroup
+	next := make(chan int)
+	errs := make(chan error, runtime.GOMAXPROCS(0))
+	for k := 0; k < runtime.GOMAXPROCS(0); k++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				s := &series[i]
+				m := NewARSHorizon(alpha, horizon)
+				a := &parts[i]
+				for j, v := range s.V {
+					if err := m.Observe(v); err != nil {
+						errs <- fmt.Errorf("%s step %d: %w", s.VM, j, err)
+						for range next {
+						}
+						return
+					}
+					f, _ := m.Forecast()
+					for h := 1; h <= horizon && j+h < len(s.V); h++ {
+						u, al := s.V[j+h], f.Ahead[h-1].Alloc
+						a.steps[h-1]++
+						a.usage[h-1] += u
+						if u > al {
+							a.viol[h-1]++
+						} else {
+							a.slack[h-1] += al - u
+						}
+					}
+				}
+			}
+		}()
+	}
+	for i := range series {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return nil, err
+	default:
+	}
+	out := make([]HorizonResult, horizon)
+	for h := range out {
+		var usage, slack float64
+		out[h].H = h + 1
+		for _, a := range parts {
+			out[h].Steps += a.steps[h]
+			out[h].Violations += a.viol[h]
+			usage += a.usage[h]
+			slack += a.slack[h]
+		}
+		if usage > 0 {
+			out[h].Slack = slack / usage
+		}
+	}
+	return out, nil
+}

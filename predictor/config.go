@@ -13,6 +13,9 @@ type Config struct {
 	// TargetViolation is the share of ticks on which demand may exceed the
 	// allocation (the SLA's promise), in (0, 0.5).
 	TargetViolation float64 `yaml:"targetViolation"`
+	// Horizon is how many steps ahead "ars" forecasts (Forecast.Ahead),
+	// 1..MaxHorizon; 0 means 1.
+	Horizon int `yaml:"horizon"`
 	// Alpha and Margin configure the "ewma" model.
 	Alpha  float64 `yaml:"alpha"`
 	Margin float64 `yaml:"margin"`
@@ -21,13 +24,16 @@ type Config struct {
 // DefaultConfig: the calibrated ensemble at a 2 % violation target.
 func DefaultConfig() Config {
 	e := DefaultEWMAConfig()
-	return Config{Model: "ars", TargetViolation: 0.02, Alpha: e.Alpha, Margin: e.Margin}
+	return Config{Model: "ars", TargetViolation: 0.02, Horizon: DefaultHorizon, Alpha: e.Alpha, Margin: e.Margin}
 }
 
 // Validate checks the model name and ranges.
 func (c Config) Validate() error {
 	if !(c.TargetViolation > 0 && c.TargetViolation < 0.5) {
 		return fmt.Errorf("predictor: targetViolation must be in (0, 0.5), got %v", c.TargetViolation)
+	}
+	if c.Horizon < 0 || c.Horizon > MaxHorizon {
+		return fmt.Errorf("predictor: horizon must be in [0, %d], got %d", MaxHorizon, c.Horizon)
 	}
 	if err := (EWMAConfig{Alpha: c.Alpha, Margin: c.Margin}).Validate(); err != nil {
 		return err
@@ -44,8 +50,11 @@ func New(c Config, step time.Duration) (Model, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	if c.Model == "ewma" {
+	switch c.Model {
+	case "ewma":
 		return NewEWMA(EWMAConfig{Alpha: c.Alpha, Margin: c.Margin})
+	case "ars":
+		return NewARSHorizon(c.TargetViolation, c.Horizon), nil
 	}
 	return NewByName(c.Model, c.TargetViolation, step)
 }
@@ -54,7 +63,7 @@ func New(c Config, step time.Duration) (Model, error) {
 // members calibrated alone, and the uncalibrated baselines.
 func ModelNames() []string {
 	return []string{"ars", "last-aci", "ewma-aci", "holtwinters-aci", "quantreg-aci", "max-aci", "slow-aci",
-		"last", "ewma", "max-1h", "max-6h", "autopilot-p95-12h", "vpa-p90-24h"}
+		"loglast-aci", "logar-aci", "last", "ewma", "max-1h", "max-6h", "autopilot-p95-12h", "vpa-p90-24h"}
 }
 
 // BaselineNames are the operators' recommenders the goal compares against.
@@ -72,7 +81,7 @@ func NewByName(name string, alpha float64, step time.Duration) (Model, error) {
 	switch name {
 	case "ars":
 		return NewARS(alpha), nil
-	case "last-aci", "ewma-aci", "holtwinters-aci", "quantreg-aci", "max-aci", "slow-aci":
+	case "last-aci", "ewma-aci", "holtwinters-aci", "quantreg-aci", "max-aci", "slow-aci", "loglast-aci", "logar-aci":
 		return NewCalibrated(name[:len(name)-4], alpha), nil
 	case "last":
 		return NewLastValue(0), nil

@@ -195,7 +195,7 @@ func violationRate(m Model, ys []float64, from int) float64 {
 
 func TestCalibrationHitsTargetOnNoise(t *testing.T) {
 	for _, target := range []float64{0.01, 0.02, 0.05} {
-		for _, name := range []string{"ars", "last-aci", "ewma-aci", "holtwinters-aci", "quantreg-aci"} {
+		for _, name := range []string{"ars", "last-aci", "ewma-aci", "holtwinters-aci", "quantreg-aci", "loglast-aci", "logar-aci"} {
 			r := rand.New(rand.NewPCG(5, 6))
 			ys := make([]float64, 20000)
 			for i := range ys {
@@ -256,12 +256,17 @@ func TestCalibrationFollowsVolatilityShift(t *testing.T) {
 
 func TestStateSize(t *testing.T) {
 	// The biggest state per VM-resource, measured by the struct sizes.
-	m := NewARS(0.02)
-	size := int(unsafeSizeofARS(m))
-	if size > 64<<10 {
-		t.Fatalf("ARS state %d B > 64 KiB", size)
+	for _, h := range []int{1, DefaultHorizon, MaxHorizon} {
+		m := NewARSHorizon(0.02, h)
+		for i := 0; i < 2000; i++ { // past a season detection (scratch allocated)
+			_ = m.Observe(float64(i % 17))
+		}
+		size := int(unsafeSizeofARS(m))
+		if size > 64<<10 {
+			t.Fatalf("ARS state with horizon %d: %d B > 64 KiB", h, size)
+		}
+		t.Logf("ARS state, horizon %d ≈ %d B", h, size)
 	}
-	t.Logf("ARS state ≈ %d B", size)
 }
 
 func TestTracker(t *testing.T) {

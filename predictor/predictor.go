@@ -6,7 +6,8 @@
 //	demand.go    usage + contention signals → demand (CPU, memory, I/O)
 //	models.go    last value, window max (Autopilot), decaying histogram (VPA)
 //	seasonal.go  Holt-Winters, period detection by FFT autocorrelation
-//	ars.go       ACI calibration, quantile regression, the "ars" ensemble
+//	ars.go       ACI calibration, quantile regression, log-space members,
+//	             the envelope cap, the "ars" ensemble and its horizon
 //	config.go    Config/New for the agent, NewByName for every model
 //	trace.go     Bitbrains / long-CSV trace loading
 //	backtest.go  replay, summary, hindsight-margin comparison
@@ -19,7 +20,8 @@ import (
 	"math"
 )
 
-// Forecast is a model's view of the next horizon for one series.
+// Forecast is a model's view of the next step (and, for models with a
+// horizon, the next H steps) for one series.
 type Forecast struct {
 	// P50 is the central estimate of demand for the next step.
 	P50 float64
@@ -31,6 +33,12 @@ type Forecast struct {
 	Alloc float64
 	// Samples is how many observations the model has seen.
 	Samples int
+	// Horizon is how many entries of Ahead are set: the forecast for the
+	// 1st..Horizon-th next sample, each calibrated against the outcome h
+	// steps later (Ahead[0] repeats the fields above). 0 for one-step
+	// models. An array, so Forecast stays comparable and allocation-free.
+	Horizon int
+	Ahead   [MaxHorizon]Quantiles
 }
 
 // Model is an online forecaster of one series: Observe is called once per

@@ -453,3 +453,7 @@ func TestPlannerDeepBorrowLowestFirst(t *testing.T) {
 		t.Fatalf("after Forget: %+v", l)
 	}
 }
+
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }

@@ -1,10 +1,10 @@
-// Package synthesizer is the Resource Synthesis Engine (RSE): from each
-// VM's SLA, its forecast and its current allocation it decides the VM's next
-// allocation. It owns the SLA types, the clamping to floor and ceiling and
+// Package synthesizer is the Resource Synthesis Engine (RSE): from every
+// VM's SLA, its forecast and its current allocation, and the host's
+// capacity, it decides each VM's next allocation (the Planner). It owns the SLA types, the clamping to floor and ceiling and
 // the hysteresis that keeps limits from flapping. It decides only; the
 // executor (agent/executor) is the one place that writes.
 //
-//	synthesizer.go  Engine: the per-VM CPU decision the control loop uses today
+//	synthesizer.go  SLA and Config (the operator's tuning of the Planner)
 //	sla.go          SLA for every resource, priority classes, SLA files
 //	capacity.go     host capacity (allocatable = total − reserved)
 //	planner.go      Planner: the fleet-wide tick — pool, loans, throttles, Plan
@@ -12,10 +12,7 @@ package synthesizer
 
 import (
 	"fmt"
-	"math"
 	"time"
-
-	"github.com/ars-dev/ars/predictor"
 )
 
 // CPUSLA bounds a VM's CPU allocation, in millicores (1000 = one core).
@@ -69,7 +66,7 @@ func (s SLA) Validate() error {
 	return s.validateRest()
 }
 
-// Config tunes the engine.
+// Config tunes the Planner as operators set it (see Planner()).
 type Config struct {
 	// StepMillicores is the allocation granularity.
 	StepMillicores int64 `yaml:"stepMillicores"`
@@ -78,12 +75,24 @@ type Config struct {
 	ShrinkThreshold float64 `yaml:"shrinkThreshold"`
 	// MinDwell is the minimum time between a change and a following shrink.
 	MinDwell time.Duration `yaml:"minDwell"`
+	// GrowHeadroom: a grow (and a release) goes to the required amount ×
+	// (1 + this), so a slowly rising demand does not write every tick.
+	GrowHeadroom float64 `yaml:"growHeadroom"`
 }
 
-// DefaultConfig grows at once and shrinks after 2 s at the earliest, and
-// only for drops of more than 10 %.
+// Planner returns the fleet Planner's configuration for this tuning: the
+// CPU step is StepMillicores, the other resources keep their default steps.
+func (c Config) Planner() PlannerConfig {
+	p := DefaultPlannerConfig()
+	p.Step[CPU] = c.StepMillicores
+	p.ShrinkThreshold, p.GrowHeadroom, p.MinDwell = c.ShrinkThreshold, c.GrowHeadroom, c.MinDwell
+	return p
+}
+
+// DefaultConfig grows at once to 5 % above the requirement and shrinks
+// after 2 s at the earliest, and only for drops of more than 10 %.
 func DefaultConfig() Config {
-	return Config{StepMillicores: 10, ShrinkThreshold: 0.10, MinDwell: 2 * time.Second}
+	return Config{StepMillicores: 10, ShrinkThreshold: 0.10, MinDwell: 2 * time.Second, GrowHeadroom: 0.05}
 }
 
 // Validate checks ranges.
@@ -97,77 +106,8 @@ func (c Config) Validate() error {
 	if c.MinDwell < 0 || c.MinDwell > time.Hour {
 		return fmt.Errorf("synthesizer: minDwell must be in [0, 1h], got %v", c.MinDwell)
 	}
+	if !(c.GrowHeadroom >= 0 && c.GrowHeadroom <= 1) {
+		return fmt.Errorf("synthesizer: growHeadroom must be in [0, 1], got %v", c.GrowHeadroom)
+	}
 	return nil
 }
-
-// Decision is the engine's answer for one VM and resource.
-type Decision struct {
-	VM       string
-	Resource string
-	// Current and Target are allocations; Target == Current means hold.
-	Current, Target int64
-	// Reason says why, for the audit log.
-	Reason string
-}
-
-// Changed reports whether the decision asks for a write.
-func (d Decision) Changed() bool { return d.Current != d.Target }
-
-// Engine decides allocations. It keeps per-VM dwell state; it is not safe
-// for concurrent use (the control loop owns it).
-type Engine struct {
-	cfg        Config
-	now        func() time.Time
-	lastChange map[string]time.Time
-}
-
-// New returns an engine; now is the clock (time.Now in production).
-func New(cfg Config, now func() time.Time) (*Engine, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
-	return &Engine{cfg: cfg, now: now, lastChange: map[string]time.Time{}}, nil
-}
-
-// CPU decides a VM's CPU allocation in millicores. current <= 0 means the VM
-// has no limit yet; the first decision always sets one.
-func (e *Engine) CPU(vm string, sla SLA, f predictor.Forecast, current int64) Decision {
-	d := Decision{VM: vm, Resource: "cpu", Current: current}
-	want := int64(math.Ceil(f.Alloc/float64(e.cfg.StepMillicores))) * e.cfg.StepMillicores
-	target := want
-	reason := fmt.Sprintf("forecast p50=%.0fm alloc=%.0fm", f.P50, f.Alloc)
-	if target < sla.CPU.FloorMillicores {
-		target, reason = sla.CPU.FloorMillicores, reason+", raised to SLA floor"
-	}
-	if target > sla.CPU.CeilingMillicores {
-		target, reason = sla.CPU.CeilingMillicores, reason+", capped at SLA ceiling"
-	}
-	now := e.now()
-	switch {
-	case current <= 0:
-		reason = "first allocation: " + reason
-	case target > current:
-		reason = "grow: " + reason
-	case target < current:
-		if float64(current-target) <= e.cfg.ShrinkThreshold*float64(current) &&
-			current <= sla.CPU.CeilingMillicores && current >= sla.CPU.FloorMillicores {
-			d.Target, d.Reason = current, "hold: drop within hysteresis band"
-			return d
-		}
-		if t, ok := e.lastChange[vm]; ok && now.Sub(t) < e.cfg.MinDwell &&
-			current <= sla.CPU.CeilingMillicores {
-			d.Target, d.Reason = current, "hold: minimum dwell"
-			return d
-		}
-		reason = "shrink: " + reason
-	default:
-		d.Target, d.Reason = current, "hold: at target"
-		return d
-	}
-	e.lastChange[vm] = now
-	d.Target, d.Reason = target, reason
-	return d
-}
-
-// Forget drops state for a VM that is gone.
-func (e *Engine) Forget(vm string) { delete(e.lastChange, vm) }

@@ -1,5 +1,14 @@
 package synthesizer
 
-// Touch records a change of vm's allocation made outside the engine (an
-// adopted drift), so the minimum dwell applies from now before a shrink.
-func (e *Engine) Touch(vm string) { e.lastChange[vm] = e.now() }
+import "time"
+
+// Touch records a change of vm's allocation of r made outside the
+// Planner (an adopted drift): the minimum dwell runs from now.
+func (p *Planner) Touch(vm string, r Resource) {
+	lc := p.lastChange[vm]
+	if lc == nil {
+		lc = new([NumResources]time.Time)
+		p.lastChange[vm] = lc
+	}
+	lc[r] = p.now()
+}

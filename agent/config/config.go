@@ -29,6 +29,9 @@ type Config struct {
 	QMPDir string `yaml:"qmpDir"`
 	// ControlSocket is the Unix socket arsctl talks to.
 	ControlSocket string `yaml:"controlSocket"`
+	// ControlPolicy is the control API's policy file (agent/authz): who
+	// may read and change what. "" allows root only.
+	ControlPolicy string `yaml:"controlPolicy"`
 	// MetricsAddr is where /metrics is served ("" disables it).
 	MetricsAddr string `yaml:"metricsAddr"`
 	// StateDir holds the audit log.
@@ -47,6 +50,10 @@ type Config struct {
 	Predictor predictor.Config `yaml:"predictor"`
 	// Synthesizer tunes hysteresis and granularity.
 	Synthesizer synthesizer.Config `yaml:"synthesizer"`
+	// Capacity is what the host hands out; a zero total is read from the
+	// host at start (agent.HostCapacity: CPUs and MemTotal, less a
+	// reservation for the host).
+	Capacity synthesizer.Capacity `yaml:"capacity"`
 	// DefaultSLA applies to VMs not listed in VMs.
 	DefaultSLA synthesizer.SLA `yaml:"defaultSLA"`
 	// VMs holds per-VM SLAs, keyed by VM name.
@@ -192,6 +199,9 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("predictor: %w", err))
 	}
 	if err := c.Synthesizer.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Capacity.Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.DefaultSLA.Validate(); err != nil {

@@ -61,7 +61,11 @@ type AuditLog struct {
 	head Head
 	// Rotated is where an unverifiable previous log was moved ("" if none).
 	Rotated string
-	dirty   bool // records appended since the last Sync
+	// OnSync, when set, is called with the chain's tip after every Sync
+	// that wrote records (arsd stores it in the DRM journal as the anchor
+	// OpenAuditAnchored checks at the next start).
+	OnSync func(Head) error
+	dirty  bool // records appended since the last Sync
 }
 
 // OpenAudit opens (creating) the audit log at path and resumes its chain.
@@ -70,13 +74,24 @@ type AuditLog struct {
 // <path>.unverified-<UTC time> (with its head file), a new chain starts,
 // and its first record (kind "audit.rotate") names the moved file and the
 // verification error. Rotated then says where the old log went.
-func OpenAudit(path string) (*AuditLog, error) {
+func OpenAudit(path string) (*AuditLog, error) { return OpenAuditAnchored(path, nil) }
+
+// OpenAuditAnchored is OpenAudit with an anchor kept outside the log's
+// directory files (the DRM journal's copy of the chain's tip): the log
+// must reach the anchor's sequence with the anchor's hash. Cutting lines
+// from the end and rewriting <path>.head to match is then detected too,
+// and the log is moved aside like any other that does not verify. A nil
+// anchor checks nothing more than OpenAudit.
+func OpenAuditAnchored(path string, anchor *Head) (*AuditLog, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
 	var rotated string
 	var verr error
 	head, err := VerifyFile(path)
+	if err == nil && anchor != nil && anchor.Seq > 0 {
+		err = checkAnchor(path, *anchor)
+	}
 	if err != nil {
 		var ve *VerifyError
 		if !errors.As(err, &ve) {
@@ -97,6 +112,15 @@ func OpenAudit(path string) (*AuditLog, error) {
 		return nil, fmt.Errorf("audit: open %s: %w", path, err)
 	}
 	l := &AuditLog{f: f, path: path, head: head, Rotated: rotated}
+	if _, err := os.Lstat(path + ".head"); errors.Is(err, os.ErrNotExist) {
+		// A head from the first moment: a crash before the first Sync
+		// then leaves a head that lags the log (allowed), not a missing
+		// one (which reads as tampering and rotates the log).
+		if err := writeHead(path, head); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
 	if rotated != "" {
 		if err := l.Append(Record{Time: time.Now().UTC(), Actor: "arsd", Kind: "audit.rotate", Target: rotated,
 			Reason: "previous log did not verify and was moved aside: " + verr.Error(), Result: "rotated"}); err != nil {
@@ -148,6 +172,35 @@ func (l *AuditLog) Sync() error {
 		return err
 	}
 	l.dirty = false
+	if l.OnSync != nil {
+		if err := l.OnSync(l.head); err != nil {
+			return fmt.Errorf("audit: record the chain's tip elsewhere: %w", err)
+		}
+	}
+	return nil
+}
+
+// checkAnchor verifies that the log at path reaches anchor: the record at
+// anchor.Seq exists and has anchor.Hash.
+func checkAnchor(path string, anchor Head) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return &VerifyError{0, fmt.Sprintf("log missing but the journal's anchor says sequence %d", anchor.Seq)}
+		}
+		return fmt.Errorf("audit: %w", err)
+	}
+	defer f.Close()
+	head, atHash, err := verify(f, anchor.Seq)
+	if err != nil {
+		return err
+	}
+	if head.Seq < anchor.Seq {
+		return &VerifyError{int(head.Seq) + 1, fmt.Sprintf("log ends at sequence %d but the journal's anchor says %d (lines cut from the end, head file rewritten)", head.Seq, anchor.Seq)}
+	}
+	if atHash != anchor.Hash {
+		return &VerifyError{int(anchor.Seq), "record does not match the journal's anchor (the log was replaced or rewritten)"}
+	}
 	return nil
 }
 

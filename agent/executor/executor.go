@@ -126,6 +126,7 @@ type Executor struct {
 	act     Actuators
 	audit   *AuditLog
 	journal Journal
+	fence   Fence
 	dryRun  bool
 	now     func() time.Time
 	actor   string
@@ -146,6 +147,18 @@ func New(act Actuators, audit *AuditLog, dryRun bool, now func() time.Time, acto
 // If the intents cannot be made durable, nothing is written.
 func (e *Executor) WithJournal(j Journal) *Executor {
 	e.journal = j
+	return e
+}
+
+// Fence confirms, just before a write, that this agent still leads: it
+// returns nil, or the newer epoch that superseded it (see agent/lease).
+type Fence func(ctx context.Context) (newer uint64, err error)
+
+// WithFence makes the executor ask fence before every write; a write
+// whose epoch fence reports superseded is refused as stale (and audited),
+// and the executor's epoch is raised to the newer one.
+func (e *Executor) WithFence(f Fence) *Executor {
+	e.fence = f
 	return e
 }
 
@@ -252,6 +265,18 @@ func (e *Executor) Apply(ctx context.Context, plan []Action) []Result {
 		if err := ctx.Err(); err != nil {
 			r.Outcome, r.Err = Failed, fmt.Errorf("executor: %w", err)
 			continue
+		}
+		if e.fence != nil && !e.dryRun {
+			if newer, err := e.fence(ctx); err != nil {
+				e.SetEpoch(newer)
+				if cur := e.Epoch(); s.a.Epoch < cur {
+					r.Outcome, r.Err = Stale, fmt.Errorf("executor: %s %s: epoch %d superseded by %d: %w; refused", s.a.VM, s.a.Kind, s.a.Epoch, cur, err)
+				} else {
+					r.Outcome, r.Err = Failed, fmt.Errorf("executor: %s %s: leadership not confirmed: %w", s.a.VM, s.a.Kind, err)
+				}
+				e.record(r)
+				continue
+			}
 		}
 		if e.dryRun {
 			r.Outcome = DryRun

@@ -66,8 +66,8 @@ ars_build_info{goversion="` + runtime.Version() + `",version="` + Version + `"} 
 		"ars_vm_cpu_demand_cores", "ars_vm_cpu_violations_total", "ars_vm_cpu_prediction_error_cores", "ars_audit_verify_ok", "ars_drifts_total", "ars_vms", "ars_ticks_total", "ars_build_info"); err != nil {
 		t.Fatal(err)
 	}
-	if n := testutil.CollectAndCount(NewCollector(&b)); n != 2*11+2+8 {
-		// 11 always-present per-VM series ×2, runq p99+mean for web; vms, audit, drifts, wakeups, actions, ticks, gen, build
+	if n := testutil.CollectAndCount(NewCollector(&b)); n != 2*16+2+10 {
+		// 16 always-present per-VM series ×2, runq p99+mean for web; vms, audit, drifts, wakeups, actions, ticks, gen, build, overcommitted
 		t.Fatalf("collected %d metrics", n)
 	}
 }

@@ -72,7 +72,15 @@ type BlockIO struct {
 
 // LoadBlockIO loads the block I/O program and attaches it to
 // tp_btf/block_io_start, block_rq_issue and block_rq_complete.
-func LoadBlockIO() (*BlockIO, error) {
+func LoadBlockIO() (*BlockIO, error) { return LoadBlockIOPinned("") }
+
+// LoadBlockIOPinned is LoadBlockIO with its maps and links pinned under
+// pinRoot (see pin.go); "" pins nothing.
+func LoadBlockIOPinned(pinRoot string) (*BlockIO, error) {
+	dir, err := pinDir(pinRoot, ProbeBlockIO, _BlockioBytes)
+	if err != nil {
+		return nil, fmt.Errorf("blockio: %w", err)
+	}
 	spec, err := loadBlockio()
 	if err != nil {
 		return nil, fmt.Errorf("blockio: parse embedded object: %w", err)
@@ -82,12 +90,12 @@ func LoadBlockIO() (*BlockIO, error) {
 		return nil, fmt.Errorf("blockio: possible CPUs: %w", err)
 	}
 	var objs blockioObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, pinOptions(spec, dir)); err != nil {
 		return nil, fmt.Errorf("blockio: load: %w", verifierDetail(err))
 	}
 	b := &BlockIO{maps: objs.blockioMaps, progs: objs.blockioPrograms, ncpu: ncpu}
 	for name, p := range b.Programs() {
-		l, err := link.AttachTracing(link.TracingOptions{Program: p, AttachType: ebpf.AttachTraceRawTp})
+		l, err := attach(dir, name, p)
 		if err != nil {
 			return nil, errors.Join(fmt.Errorf("blockio: attach tp_btf/%s: %w", name, err), b.Close())
 		}

@@ -52,7 +52,15 @@ type Faults struct {
 
 // LoadFaults loads and attaches the page-fault program. It counts nothing
 // until TrackProcess.
-func LoadFaults() (*Faults, error) {
+func LoadFaults() (*Faults, error) { return LoadFaultsPinned("") }
+
+// LoadFaultsPinned is LoadFaults with its maps and links pinned under
+// pinRoot (see pin.go); "" pins nothing.
+func LoadFaultsPinned(pinRoot string) (*Faults, error) {
+	dir, err := pinDir(pinRoot, ProbeFaults, _FaultsBytes)
+	if err != nil {
+		return nil, fmt.Errorf("faults: %w", err)
+	}
 	spec, err := loadFaults()
 	if err != nil {
 		return nil, fmt.Errorf("faults: parse embedded object: %w", err)
@@ -62,12 +70,12 @@ func LoadFaults() (*Faults, error) {
 		return nil, fmt.Errorf("faults: possible CPUs: %w", err)
 	}
 	var objs faultsObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, pinOptions(spec, dir)); err != nil {
 		return nil, fmt.Errorf("faults: load: %w", verifierDetail(err))
 	}
 	f := &Faults{maps: objs.faultsMaps, progs: objs.faultsPrograms, ncpu: ncpu}
 	for name, p := range f.Programs() {
-		l, err := link.AttachTracing(link.TracingOptions{Program: p, AttachType: ebpf.AttachTraceRawTp})
+		l, err := attach(dir, name, p)
 		if err != nil {
 			return nil, errors.Join(fmt.Errorf("faults: attach tp_btf/%s: %w", name, err), f.Close())
 		}

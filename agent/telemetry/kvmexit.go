@@ -23,7 +23,15 @@ type KVMExits struct {
 
 // LoadKVMExits loads and attaches the program; it fails (and the caller
 // should degrade) where the kernel has no kvm_exit tracepoint BTF.
-func LoadKVMExits() (*KVMExits, error) {
+func LoadKVMExits() (*KVMExits, error) { return LoadKVMExitsPinned("") }
+
+// LoadKVMExitsPinned is LoadKVMExits with its maps and links pinned under
+// pinRoot (see pin.go); "" pins nothing.
+func LoadKVMExitsPinned(pinRoot string) (*KVMExits, error) {
+	dir, err := pinDir(pinRoot, ProbeKVMExit, _KvmexitBytes)
+	if err != nil {
+		return nil, fmt.Errorf("kvmexit: %w", err)
+	}
 	spec, err := loadKvmexit()
 	if err != nil {
 		return nil, fmt.Errorf("kvmexit: parse embedded object: %w", err)
@@ -33,11 +41,11 @@ func LoadKVMExits() (*KVMExits, error) {
 		return nil, fmt.Errorf("kvmexit: possible CPUs: %w", err)
 	}
 	var objs kvmexitObjects
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, pinOptions(spec, dir)); err != nil {
 		return nil, fmt.Errorf("kvmexit: load: %w", verifierDetail(err))
 	}
 	k := &KVMExits{maps: objs.kvmexitMaps, prog: objs.KvmexitExit, ncpu: ncpu}
-	l, err := link.AttachTracing(link.TracingOptions{Program: k.prog, AttachType: ebpf.AttachTraceRawTp})
+	l, err := attach(dir, "kvm_exit", k.prog)
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("kvmexit: attach tp_btf/kvm_exit: %w", err), k.Close())
 	}

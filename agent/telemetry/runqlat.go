@@ -53,7 +53,15 @@ func closeProg(p *ebpf.Program) error {
 // it to tp_btf/sched_wakeup, sched_wakeup_new and sched_switch. It tracks
 // nothing until Track is called. A verifier rejection is returned with the
 // full verifier log.
-func LoadRunqlat() (*Runqlat, error) {
+func LoadRunqlat() (*Runqlat, error) { return LoadRunqlatPinned("") }
+
+// LoadRunqlatPinned is LoadRunqlat with its maps and links pinned under
+// pinRoot (see pin.go); "" pins nothing.
+func LoadRunqlatPinned(pinRoot string) (*Runqlat, error) {
+	dir, err := pinDir(pinRoot, ProbeSched, _RunqlatBytes)
+	if err != nil {
+		return nil, fmt.Errorf("runqlat: %w", err)
+	}
 	spec, err := loadRunqlat()
 	if err != nil {
 		return nil, fmt.Errorf("runqlat: parse embedded object: %w", err)
@@ -68,7 +76,7 @@ func LoadRunqlat() (*Runqlat, error) {
 		runqlatAttached
 		runqlatVars
 	}
-	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+	if err := spec.LoadAndAssign(&objs, pinOptions(spec, dir)); err != nil {
 		return nil, fmt.Errorf("runqlat: load: %w", verifierDetail(err))
 	}
 	r.maps, r.progs, r.vars = objs.runqlatMaps, objs.runqlatAttached, objs.runqlatVars
@@ -80,7 +88,7 @@ func LoadRunqlat() (*Runqlat, error) {
 		{"sched_wakeup", r.progs.Wakeup},
 		{"sched_wakeup_new", r.progs.WakeupNew},
 	} {
-		l, err := link.AttachTracing(link.TracingOptions{Program: p.prog, AttachType: ebpf.AttachTraceRawTp})
+		l, err := attach(dir, p.name, p.prog)
 		if err != nil {
 			return nil, errors.Join(fmt.Errorf("runqlat: attach tp_btf/%s: %w", p.name, err), r.Close())
 		}

@@ -41,6 +41,10 @@ type Config struct {
 	ProgramStats bool
 	// ProcRoot is /proc unless set (tests).
 	ProcRoot string
+	// PinDir, when set, is a bpffs directory (mounted when absent) where
+	// maps and links are pinned so the next agent re-uses them: telemetry
+	// survives a restart (see pin.go).
+	PinDir string
 }
 
 // ProbeStatus is one probe's state: loaded and attached, or why not.
@@ -112,6 +116,12 @@ func Open(cfg Config, log *slog.Logger) *Telemetry {
 	if t.procRoot == "" {
 		t.procRoot = "/proc"
 	}
+	if cfg.PinDir != "" {
+		if err := EnsureBPFFS(cfg.PinDir); err != nil {
+			log.Warn("eBPF maps not pinned: telemetry will restart from zero with the agent", "dir", cfg.PinDir, "err", err)
+			cfg.PinDir = ""
+		}
+	}
 	disabled := make(map[string]bool)
 	for _, n := range cfg.Disable {
 		disabled[n] = true
@@ -136,7 +146,7 @@ func Open(cfg Config, log *slog.Logger) *Telemetry {
 		t.status[name] = st
 	}
 	load(ProbeSched, func() (err error) {
-		r, err := LoadRunqlat()
+		r, err := LoadRunqlatPinned(cfg.PinDir)
 		if err != nil {
 			return err
 		}
@@ -146,9 +156,9 @@ func Open(cfg Config, log *slog.Logger) *Telemetry {
 		t.Runq = r
 		return nil
 	})
-	load(ProbeFaults, func() (err error) { t.Faults, err = LoadFaults(); return err })
-	load(ProbeBlockIO, func() (err error) { t.BlockIO, err = LoadBlockIO(); return err })
-	load(ProbeKVMExit, func() (err error) { t.KVM, err = LoadKVMExits(); return err })
+	load(ProbeFaults, func() (err error) { t.Faults, err = LoadFaultsPinned(cfg.PinDir); return err })
+	load(ProbeBlockIO, func() (err error) { t.BlockIO, err = LoadBlockIOPinned(cfg.PinDir); return err })
+	load(ProbeKVMExit, func() (err error) { t.KVM, err = LoadKVMExitsPinned(cfg.PinDir); return err })
 	if cfg.ProgramStats {
 		s, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 		if err != nil {

@@ -23,6 +23,7 @@ import (
 	"github.com/ars-dev/ars/agent/cgroups"
 	"github.com/ars-dev/ars/agent/config"
 	"github.com/ars-dev/ars/agent/status"
+	"github.com/ars-dev/ars/agent/telemetry"
 	"github.com/ars-dev/ars/internal/vm"
 	"github.com/ars-dev/ars/ipc"
 )
@@ -58,6 +59,7 @@ func run() error {
 		guestDir = flag.String("guest", "build/guest", "directory with vmlinuz and initramfs.gz")
 		idle     = flag.Duration("idle", 25*time.Second, "length of each idle phase")
 		busy     = flag.Duration("busy", 45*time.Second, "length of the busy phase")
+		accel    = flag.String("accel", "tcg", "QEMU accelerator: tcg, or kvm where /dev/kvm works (the Vagrant box)")
 	)
 	flag.Parse()
 	if os.Geteuid() != 0 {
@@ -123,7 +125,7 @@ func run() error {
 				errs[i] = err
 				return
 			}
-			v, err := vm.Start(ctx, host, vm.Config{
+			v, err := vm.Start(ctx, host, vm.Config{Accel: *accel,
 				Name: n, Dir: dir, VCPUs: 1, MemMiB: 192,
 				Kernel: filepath.Join(*guestDir, "vmlinuz"), Initrd: filepath.Join(*guestDir, "initramfs.gz"),
 				QMPSocket: filepath.Join(qmpDir, n+".sock"),
@@ -171,6 +173,23 @@ func run() error {
 		return err
 	}
 	defer logf.Close()
+	// arsd on its defaults pins its eBPF maps under /sys/fs/bpf/ars and
+	// keeps its lease under /run/ars; what the demo's arsd created there
+	// is removed when it has stopped, like everything else it started.
+	_, pinErr := os.Stat(defaultPinDir)
+	runBefore := dirEntries(runDir)
+	defer func() {
+		if os.IsNotExist(pinErr) {
+			if err := telemetry.Unpin(defaultPinDir); err != nil {
+				fmt.Fprintln(os.Stderr, "ars-demo: cleanup:", err)
+			}
+		}
+		for name := range dirEntries(runDir) {
+			if !runBefore[name] && strings.HasPrefix(name, "lease") {
+				os.Remove(filepath.Join(runDir, name))
+			}
+		}
+	}()
 	arsd := exec.Command(*arsdBin)
 	arsd.Stdout, arsd.Stderr = logf, logf
 	if err := arsd.Start(); err != nil {
@@ -274,4 +293,20 @@ func run() error {
 		return errors.New("arsd did not lower the VM's allocation after the load dropped: see the table above")
 	}
 	return nil
+}
+
+// Where arsd's defaults put pinned eBPF objects and its lease.
+const (
+	defaultPinDir = "/sys/fs/bpf/ars"
+	runDir        = "/run/ars"
+)
+
+// dirEntries lists the names in dir (empty if it cannot be read).
+func dirEntries(dir string) map[string]bool {
+	out := map[string]bool{}
+	es, _ := os.ReadDir(dir)
+	for _, e := range es {
+		out[e.Name()] = true
+	}
+	return out
 }

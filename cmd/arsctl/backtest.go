@@ -16,7 +16,7 @@ import (
 // writes the chosen model's allocations:
 //
 //	arsctl backtest --trace PATH --resource cpu|mem|disk|net \
-//	    --target-violation 0.02 --out FILE [--model NAME] [--models a,b,...]
+//	    --target-violation 0.02 --out FILE [--model NAME] [--models a,b,...] [--horizon N]
 func backtest(args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("arsctl backtest", flag.ContinueOnError)
 	fs.SetOutput(out)
@@ -27,6 +27,7 @@ func backtest(args []string, out io.Writer) error {
 	model := fs.String("model", "ars", "model whose allocations go to --out (one of "+strings.Join(predictor.ModelNames(), ", ")+")")
 	models := fs.String("models", "", "comma-separated models to compare (default: all); --model and the baselines are always included")
 	step := fs.Duration("step", 0, "sampling step (default: the trace's median interval)")
+	horizon := fs.Int("horizon", 0, "also score ars's forecasts 1..N steps ahead (0: skip)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -90,6 +91,16 @@ func backtest(args []string, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "step %v, %d steps per model, %d models; load %v, replay %v\n\n", st, steps, len(names), loaded.Round(time.Millisecond), r.Elapsed.Round(time.Millisecond))
 	r.WriteSummary(out, *target, r.Index(*model))
+	if *horizon > 0 {
+		hs, err := predictor.BacktestHorizon(series, *target, *horizon)
+		if err != nil {
+			return fmt.Errorf("backtest: %w", err)
+		}
+		fmt.Fprintf(out, "\nars %d steps ahead (allocation decided h steps before the sample):\n%-4s %8s %10s %10s\n", *horizon, "h", "steps", "violation", "slack")
+		for _, h := range hs {
+			fmt.Fprintf(out, "%-4d %8d %9.3f%% %10.4f\n", h.H, h.Steps, 100*h.ViolationRate(), h.Slack)
+		}
+	}
 	if *outFile != "" {
 		f, err := os.Create(*outFile)
 		if err != nil {

@@ -46,6 +46,19 @@ func TestBacktestCommand(t *testing.T) {
 	if rows[1][0] != "a" || rows[1][1] != "1299110700" || rows[1][2] != strconv.FormatFloat(0.1+0.3, 'g', -1, 64) {
 		t.Fatalf("row %v", rows[1])
 	}
+	// --horizon scores ars h steps ahead: one row per h.
+	stdout.Reset()
+	if err := run([]string{"backtest", "--trace", trace, "--models", "ars", "--horizon", "3"}, &stdout); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"ars 3 steps ahead", "\n1 ", "\n3 "} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("horizon output lacks %q:\n%s", want, stdout.String())
+		}
+	}
+	if err := run([]string{"backtest", "--trace", trace, "--horizon", "99"}, &stdout); err == nil {
+		t.Error("horizon 99 accepted")
+	}
 	// errors: bad flag values and a malformed trace name the file and line
 	if err := run([]string{"backtest", "--trace", trace, "--resource", "gpu"}, &stdout); err == nil {
 		t.Error("gpu accepted")

@@ -4,6 +4,9 @@
 //	arsctl [--socket PATH] [--json] vms     per-VM usage, delay, forecast, allocation
 //	arsctl [--socket PATH] [--json] [--vm NAME] drm  the dynamic resource map
 //	arsctl [--socket PATH] [--json] status  the whole last snapshot
+//	arsctl sla get VM [--json]              the SLA in force for VM, and its source
+//	arsctl sla set VM --file sla.yaml       change VM's SLA (or --cpu-floor/--cpu-ceiling)
+//	arsctl [--socket PATH] top [--once|-n N] live view of the VMs, fed by a ring from arsd
 //	arsctl audit verify [--log FILE]        check the audit log's hash chain
 //	arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]
 //	                                         replay a trace through the predictor's models
@@ -38,7 +41,7 @@ func run(args []string, out io.Writer) error {
 	asJSON := fs.Bool("json", false, "print raw JSON")
 	vmName := fs.String("vm", "", "drm: only this VM")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] [--vm NAME] vms|drm|status\n       arsctl audit verify [--log FILE]\n       arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]")
+		fmt.Fprintln(fs.Output(), "usage: arsctl [--socket PATH] [--json] [--vm NAME] vms|drm|status\n       arsctl sla get VM [--json] | sla set VM --file sla.yaml\n       arsctl [--socket PATH] top [--once | -n N]  live view of the VMs (ring from arsd)\n       arsctl audit verify [--log FILE]\n       arsctl backtest --trace PATH --resource cpu|mem|disk|net --target-violation 0.02 --out FILE [--model NAME]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -47,11 +50,17 @@ func run(args []string, out io.Writer) error {
 	if fs.NArg() >= 1 && fs.Arg(0) == "backtest" {
 		return backtest(fs.Args()[1:], out)
 	}
+	if fs.NArg() >= 1 && fs.Arg(0) == "sla" {
+		return slaCmd(fs.Args()[1:], *sock, *asJSON, os.Stdin, out)
+	}
 	if fs.NArg() >= 1 && fs.Arg(0) == "audit" {
 		return auditCmd(fs.Args()[1:], out)
 	}
 	if fs.NArg() >= 1 && fs.Arg(0) == "simulate" {
 		return simulate(fs.Args()[1:], out)
+	}
+	if fs.NArg() >= 1 && fs.Arg(0) == "top" {
+		return top(fs.Args()[1:], *sock, out)
 	}
 	if fs.NArg() != 1 {
 		fs.Usage()
@@ -75,16 +84,9 @@ func run(args []string, out io.Writer) error {
 			return err
 		}
 		if *vmName != "" {
-			kept := snap.VMs[:0]
-			for _, v := range snap.VMs {
-				if v.Name == *vmName {
-					kept = append(kept, v)
-				}
-			}
-			if len(kept) == 0 {
+			if snap = snap.Filter(*vmName); len(snap.VMs) == 0 {
 				return fmt.Errorf("no VM %q in the DRM", *vmName)
 			}
-			snap.VMs = kept
 		}
 		if *asJSON {
 			return printJSON(out, snap)

@@ -213,7 +213,7 @@ func TestEngineHandle(t *testing.T) {
 	env := &fakeEnv{cpus: 2, availMiB: 100}
 	e, g := newTestEngine(t, env)
 	steps := []struct{ in, want string }{
-		{"status", "ok cpu=0 mem=0 io=0 net=0 cpus=2"},
+		{"status", "ok cpu=0 mem=0 io=0 net=0 cpus=2 memavail=100"},
 		{"cpu 150", "ok cpu=150"},
 		{"@x1 mem 50", "@x1 ok mem=50"},
 		{"mem 200", "err mem: 200 MiB exceeds what the guest can give (134 MiB)"},
@@ -221,7 +221,7 @@ func TestEngineHandle(t *testing.T) {
 		{"net 5", "err net: no virtio-net NIC (eth0)"},
 		{"io 0", "ok io=0"},
 		{"set cpu=10,mem=20", "ok cpu=10 mem=20 io=0 net=0"},
-		{"@t status", "@t ok cpu=10 mem=20 io=0 net=0 cpus=2"},
+		{"@t status", "@t ok cpu=10 mem=20 io=0 net=0 cpus=2 memavail=100"},
 		{"bogus", "err unknown command \"bogus\" (try help)"},
 		{"@bad/tag status", "err bad tag: want @ and 1-32 of [A-Za-z0-9._-]"},
 		{"schedule 1s:io=1", "err step 1: io: no virtio disk (/dev/vda)"},

@@ -51,7 +51,7 @@ func TestServeConsole(t *testing.T) {
 	}()
 	// Console noise without the prefix is ignored; prefixed lines are served.
 	fmt.Fprint(master, "hello there\nars: cpu 30\nars:status\n")
-	for _, want := range []string{"ars: ok cpu=30", "ars: ok cpu=30 mem=0 io=0 net=0 cpus=1"} {
+	for _, want := range []string{"ars: ok cpu=30", "ars: ok cpu=30 mem=0 io=0 net=0 cpus=1 memavail=100"} {
 		select {
 		case got := <-replies:
 			if got != want {

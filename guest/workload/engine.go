@@ -66,7 +66,13 @@ func (e *Engine) Do(cmd Command) string {
 	switch cmd.Kind {
 	case KindStatus:
 		l := e.Current()
-		return fmt.Sprintf("ok %s cpus=%d", l, e.env.OnlineCPUs())
+		// memavail is the guest kernel's MemAvailable (−1 if unreadable):
+		// tests read a balloon's effect from the guest's own accounting.
+		avail, err := e.env.MemAvailableMiB()
+		if err != nil {
+			avail = -1
+		}
+		return fmt.Sprintf("ok %s cpus=%d memavail=%d", l, e.env.OnlineCPUs(), avail)
 	case KindHelp:
 		return "ok commands: cpu P | mem MiB | io KiBps | net kbps | set k=v,.. | schedule DUR:k=v,.. ... | status"
 	case KindSet:

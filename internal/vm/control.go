@@ -106,6 +106,9 @@ func (v *VM) SetLoad(ctx context.Context, l Load) error {
 type Status struct {
 	Load
 	CPUs int // online CPUs in the guest
+	// MemAvailMiB is the guest kernel's MemAvailable (−1 when the guest
+	// could not read it or is too old to report it).
+	MemAvailMiB int
 }
 
 // Status asks the guest for its set-point and online CPU count.
@@ -123,7 +126,7 @@ func ParseStatus(reply string) (Status, error) {
 	if !ok {
 		return Status{}, fmt.Errorf("vm: status reply %q", reply)
 	}
-	var s Status
+	s := Status{MemAvailMiB: -1}
 	seen := map[string]bool{}
 	for _, kv := range strings.Fields(rest) {
 		k, val, ok := strings.Cut(kv, "=")
@@ -145,6 +148,8 @@ func ParseStatus(reply string) (Status, error) {
 			s.NetKbps = n
 		case "cpus":
 			s.CPUs = n
+		case "memavail":
+			s.MemAvailMiB = n
 		default:
 			continue
 		}

@@ -104,8 +104,8 @@ func TestGuestReady(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st != (vm.Status{CPUs: 1}) {
-		t.Errorf("fresh guest status %+v, want idle with 1 CPU", st)
+	if st.Load != (vm.Load{}) || st.CPUs != 1 || st.MemAvailMiB <= 0 || st.MemAvailMiB >= 192 {
+		t.Errorf("fresh guest status %+v, want idle with 1 CPU and some of its 192 MiB available", st)
 	}
 
 	// QEMU is the pid we hold, and it runs in the VM's cgroup in every

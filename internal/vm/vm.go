@@ -69,6 +69,11 @@ type Config struct {
 	// NoBalloon leaves out the virtio-balloon device (id balloon0), which is
 	// present by default.
 	NoBalloon bool
+	// Accel is QEMU's accelerator: "tcg" (also when empty) or "kvm" (with
+	// -cpu host). Not picked automatically: on the CI machines /dev/kvm
+	// opens but QEMU aborts setting MSRs, so KVM is opted into (ars-demo
+	// --accel kvm, e.g. in the Vagrant box).
+	Accel string
 	// KernelArgs are appended to the kernel command line, e.g.
 	// "ars.schedule=5s:cpu=100;5s:cpu=0" or "ars.set=cpu=50".
 	KernelArgs []string
@@ -117,6 +122,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.MaxVCPUs == 0 {
 		c.MaxVCPUs = max(c.VCPUs, 4)
+	}
+	if c.Accel != "" && c.Accel != "tcg" && c.Accel != "kvm" {
+		return c, fmt.Errorf("vm: Accel %q: want tcg, kvm or empty (auto)", c.Accel)
 	}
 	if c.VCPUs < 1 || c.MaxVCPUs < c.VCPUs {
 		return c, fmt.Errorf("vm: bad vCPU counts %d/%d", c.VCPUs, c.MaxVCPUs)
@@ -341,13 +349,21 @@ func (v *VM) waitSocket(ctx context.Context, path string, limit time.Duration) e
 	}
 }
 
+// accel resolves Config.Accel.
+func accel(a string) string {
+	if a == "" {
+		return "tcg"
+	}
+	return a
+}
+
 // qemuArgs builds QEMU's arguments (without the binary).
 func qemuArgs(cfg Config, v *VM) []string {
 	appendArgs := append([]string{"console=ttyS0", "quiet", "panic=1"}, cfg.KernelArgs...)
 	a := []string{
 		"-name", "guest=" + cfg.Name + ",debug-threads=on", // vCPU threads named "CPU N/TCG", as under libvirt
-		"-machine", "q35,accel=tcg",
-		"-cpu", "qemu64",
+		"-machine", "q35,accel=" + accel(cfg.Accel),
+		"-cpu", map[string]string{"kvm": "host", "tcg": "qemu64"}[accel(cfg.Accel)],
 		"-smp", fmt.Sprintf("%d,maxcpus=%d", cfg.VCPUs, cfg.MaxVCPUs),
 		"-m", strconv.Itoa(cfg.MemMiB),
 		"-nodefaults", "-no-user-config",

@@ -58,12 +58,31 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
+func TestAccel(t *testing.T) {
+	c, err := testConfig(t).withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Accel = "kvm"
+	if got := strings.Join(qemuArgs(c, &VM{}), " "); !strings.Contains(got, "accel=kvm -cpu host") {
+		t.Errorf("kvm args: %s", got)
+	}
+	if got := accel(""); got != "tcg" {
+		t.Errorf("default accel %s, want tcg", got)
+	}
+	c.Accel = "hvf"
+	if _, err := c.withDefaults(); err == nil {
+		t.Error("accel hvf accepted")
+	}
+}
+
 func TestQEMUArgs(t *testing.T) {
 	c, err := testConfig(t).withDefaults()
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.Disk, c.Net = true, true
+	c.Accel = "tcg"
 	c.KernelArgs = []string{"ars.set=cpu=5"}
 	c.ExtraArgs = []string{"-incoming", "defer"}
 	v := &VM{QMPPath: c.QMPSocket, CtlPath: filepath.Join(c.Dir, ctlSocket), SerialLog: "/d/serial.log",
@@ -114,8 +133,11 @@ func TestParseStatus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s != (Status{Load: Load{CPUPercent: 150, MemMiB: 64, IOKiBps: 512, NetKbps: 500}, CPUs: 2}) {
+	if s != (Status{Load: Load{CPUPercent: 150, MemMiB: 64, IOKiBps: 512, NetKbps: 500}, CPUs: 2, MemAvailMiB: -1}) {
 		t.Errorf("got %+v", s)
+	}
+	if s, err := ParseStatus("ok cpu=0 mem=0 io=0 net=0 cpus=1 memavail=97"); err != nil || s.MemAvailMiB != 97 {
+		t.Errorf("memavail: %+v %v", s, err)
 	}
 	for _, bad := range []string{"err no", "ok cpu=1 mem=2 io=3 net=4", "ok cpu=x mem=2 io=3 net=4 cpus=1", ""} {
 		if _, err := ParseStatus(bad); err == nil {
