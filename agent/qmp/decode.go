@@ -68,7 +68,7 @@ var errMalformed = errors.New("malformed QMP message")
 // well-formed greeting, reply or event is an error wrapping a description.
 func DecodeMessage(b []byte) (Message, error) {
 	var m Message
-	b = bytes.TrimSpace(b)
+	b = bytes.Trim(b, " \t\r\n") // JSON whitespace only (TrimSpace would also drop \v, \f, U+0085)
 	if len(b) == 0 || b[0] != '{' {
 		return m, fmt.Errorf("%w: not a JSON object", errMalformed)
 	}

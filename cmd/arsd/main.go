@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -39,6 +40,14 @@ import (
 )
 
 func main() {
+	// arsd's work is I/O-bound and ticks once a second; with more than one
+	// P the Go scheduler spins idle threads looking for work at every
+	// wake-up, which cost more than the work itself (10 VMs: 1.07-1.33 %
+	// of a core with GOMAXPROCS=2, 0.73 % with 1; docs/BENCHMARKS.md).
+	// The GOMAXPROCS environment variable still overrides this.
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(1)
+	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "arsd:", err)
 		os.Exit(1)
