@@ -1,10 +1,13 @@
 // Package agent wires ARS's control loop on one host: every tick it asks
-// discovery which VMs run, reads their cgroup CPU accounting and eBPF
-// run-queue delay, feeds demand to the predictor, lets the synthesizer
-// decide, hands changes to the executor (the one writer), records the
-// mapping in the DRM and publishes a status snapshot. The sub-packages
-// hold the parts (cgroups, config, discovery, executor, metrics, qmp,
-// status, telemetry); this package only connects them.
+// discovery which VMs run, reads their cgroup CPU accounting, eBPF
+// run-queue delay and (for balloon-managed VMs) guest memory statistics,
+// feeds demand to the predictor, lets the synthesizer's Planner share the
+// host's capacity out (loans, throttles), hands the changes to the
+// executor (the one writer), records the mapping and loans in the DRM and
+// publishes a status snapshot. It also holds the SLAs in force (SLAStore)
+// and reads the host's capacity. The sub-packages hold the parts (cgroups,
+// config, discovery, executor, metrics, qmp, status, telemetry, ...); this
+// package only connects them.
 package agent
 
 import (

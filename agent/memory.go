@@ -35,7 +35,6 @@ type memState struct {
 	maxMiB      int64 // boot memory
 	actualMiB   int64 // balloon actual
 	targetMiB   int64 // last target ARS set (0: none yet)
-	pendingMiB  int64
 	usedMiB     float64
 	demandMiB   float64
 	requiredMiB int64

@@ -178,7 +178,6 @@ func (l *Loop) actionsFor(live []VM, p *synthesizer.Plan) []executor.Action {
 				reason += fmt.Sprintf(" (guest uses %.0f MiB, demand %.0f MiB)", st.mem.usedMiB, st.mem.demandMiB)
 				out = append(out, executor.Action{VM: vr.Name, Kind: executor.KindBalloon,
 					Bytes: uint64(t) << 20, Reason: reason, Epoch: l.d.Epoch})
-				st.mem.pendingMiB = t
 			}
 		}
 	}

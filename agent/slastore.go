@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"regexp"
 	"sort"
 	"sync"
 
@@ -30,8 +29,6 @@ type SLAStore struct {
 	capacity  synthesizer.Capacity
 	path      string
 }
-
-var slaVMName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 
 // maxOverrideFile bounds the overrides file read at start.
 const maxOverrideFile = 4 << 20
@@ -63,7 +60,7 @@ func NewSLAStore(def synthesizer.SLA, vms map[string]synthesizer.SLA, c synthesi
 		return s, fmt.Errorf("sla overrides %s: %w (ignored; the config's SLAs are in force)", path, err)
 	}
 	for n := range ov {
-		if !slaVMName.MatchString(n) {
+		if !synthesizer.ValidVMName(n) {
 			return s, fmt.Errorf("sla overrides %s: bad VM name %q (file ignored)", path, n)
 		}
 	}
@@ -126,7 +123,7 @@ func (s *SLAStore) Named() []string {
 // Set validates sla for vm against the whole fleet and, if it holds,
 // persists it and puts it in force. On any error nothing changes.
 func (s *SLAStore) Set(vm string, sla synthesizer.SLA) error {
-	if !slaVMName.MatchString(vm) {
+	if !synthesizer.ValidVMName(vm) {
 		return fmt.Errorf("bad VM name %q", vm)
 	}
 	s.mu.Lock()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -262,3 +263,12 @@ func ParseFleet(r io.Reader) (Fleet, error) {
 	}
 	return f, nil
 }
+
+// vmNameRE is what a VM name may be: the QMP socket's base name, used as
+// a key in SLA files, the policy file, the control API, metrics labels
+// and DRM rows.
+var vmNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+
+// ValidVMName reports whether name is an acceptable VM name: a letter or
+// digit, then up to 62 letters, digits, '_', '.' or '-'.
+func ValidVMName(name string) bool { return vmNameRE.MatchString(name) }

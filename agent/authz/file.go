@@ -13,6 +13,8 @@ import (
 
 	"go.yaml.in/yaml/v3"
 	"golang.org/x/sys/unix"
+
+	"github.com/ars-dev/ars/synthesizer"
 )
 
 // MaxPolicyFile bounds the policy file.
@@ -92,7 +94,6 @@ func (OSResolver) LookupGroup(name string) (uint32, error) {
 
 var (
 	principalName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$`)
-	vmName        = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 	tenantName    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 )
 
@@ -228,7 +229,7 @@ func Parse(b []byte, r Resolver) (*Policy, error) {
 			tt.groups[g] = true
 		}
 		for _, v := range t.VMs {
-			if !vmName.MatchString(v) {
+			if !synthesizer.ValidVMName(v) {
 				return nil, fmt.Errorf("%s.vms: bad VM name %q", where, v)
 			}
 			if o, ok := owner[v]; ok && o != n {

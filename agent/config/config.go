@@ -11,7 +11,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -172,8 +171,6 @@ func (c *Config) fillVMDefaults(raw []byte) error {
 	return nil
 }
 
-var vmName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
-
 // Validate checks every field and names the one at fault.
 func (c Config) Validate() error {
 	var errs []error
@@ -208,7 +205,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("defaultSLA: %w", err))
 	}
 	for name, s := range c.VMs {
-		if !vmName.MatchString(name) {
+		if !synthesizer.ValidVMName(name) {
 			errs = append(errs, fmt.Errorf("vms: bad VM name %q", name))
 			continue
 		}

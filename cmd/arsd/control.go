@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -78,8 +77,6 @@ type SLAView struct {
 
 // maxSLAText bounds the YAML of one SLA in sla.set.
 const maxSLAText = 16 << 10
-
-var controlVMName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 
 // method is one registered method and the access it needs.
 type method struct {
@@ -303,7 +300,7 @@ func slaVM(params json.RawMessage) (string, error) {
 	if p.VM == "" {
 		return "", errors.New("params.vm is required")
 	}
-	if !controlVMName.MatchString(p.VM) {
+	if !synthesizer.ValidVMName(p.VM) {
 		return "", fmt.Errorf("bad VM name %q (letters, digits, '_', '.', '-'; at most 63)", trunc(p.VM, 64))
 	}
 	return p.VM, nil

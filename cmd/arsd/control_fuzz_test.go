@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/ars-dev/ars/ipc"
+	"github.com/ars-dev/ars/synthesizer"
 )
 
 // FuzzControlParams feeds the control API's request decoding end to end —
@@ -22,7 +23,7 @@ func FuzzControlParams(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if !controlVMName.MatchString(vm) {
+		if !synthesizer.ValidVMName(vm) {
 			t.Fatalf("accepted VM name %q", vm)
 		}
 		var p SLAParams
