@@ -46,7 +46,7 @@ func TestBacktestProtocolAndOutput(t *testing.T) {
 	}
 	var sum bytes.Buffer
 	res.WriteSummary(&sum, 0.02, 0)
-	if !bytes.Contains(sum.Bytes(), []byte("hindsight")) {
+	if !bytes.Contains(sum.Bytes(), []byte("hindsight")) || !bytes.Contains(sum.Bytes(), []byte("const, same per-VM violations")) {
 		t.Fatalf("summary:\n%s", sum.String())
 	}
 }
@@ -72,8 +72,16 @@ func TestSharedTracesCalibrated(t *testing.T) {
 		var b bytes.Buffer
 		res.WriteSummary(&b, 0.02, 0)
 		t.Logf("%s: %s\n%s", tr, rep, b.String())
-		if v := res.Models[0].ViolationRate(); v < 0.01 || v > 0.025 {
+		v := res.Models[0].ViolationRate()
+		if v < 0.01 || v > 0.025 {
 			t.Errorf("%s: ars violation %.4f outside [1%%, 2.5%%]", tr, v)
+		}
+		// The hindsight references: more freedom to place violations can
+		// only lower the least slack, and none exceeds the rate it was given.
+		same, capped, free := res.OracleSameViolations(0), res.OracleFleet(v, 0.04), res.OracleFleet(v, 0)
+		if free.Slack > capped.Slack+1e-12 || capped.ViolationRate > v || free.ViolationRate > v || same.ViolationRate > v {
+			t.Errorf("%s: references out of order: same %+.4f/%.4f capped %.4f/%.4f free %.4f/%.4f (rate %.4f)", tr,
+				same.Slack, same.ViolationRate, capped.Slack, capped.ViolationRate, free.Slack, free.ViolationRate, v)
 		}
 	}
 }
