@@ -1,6 +1,7 @@
 package predictor
 
 import (
+	"fmt"
 	"math"
 	"sort"
 )
@@ -162,9 +163,9 @@ func (res *BacktestResult) OracleFleet(rate, perSeriesCap float64) Oracle {
 	for _, c := range cs {
 		total += c.n
 	}
-	name := "const, fleet-optimal"
+	name := "const, fleet-optimal, uneven"
 	if perSeriesCap > 0 {
-		name += ", capped"
+		name = fmt.Sprintf("const, fleet-optimal, each VM ≤ %.3g%%", 100*perSeriesCap)
 	}
 	limit := func(c constCurve) int {
 		if perSeriesCap <= 0 {

@@ -534,16 +534,7 @@ func ParseIOMax(text string) (map[string]IOLimit, error) {
 					n = 0
 				}
 			}
-			switch k {
-			case "rbps":
-				l.RBps = n
-			case "wbps":
-				l.WBps = n
-			case "riops":
-				l.RIOPS = n
-			case "wiops":
-				l.WIOPS = n
-			}
+			l.set(k, n)
 		}
 		out[f[0]] = l
 	}
@@ -558,9 +549,31 @@ func readIOMax(path string) (map[string]IOLimit, error) {
 	return ParseIOMax(string(b))
 }
 
+// set stores n in the field an io.max key names (rbps, wbps, riops,
+// wiops); other keys are ignored.
+func (l *IOLimit) set(key string, n uint64) {
+	switch key {
+	case "rbps":
+		l.RBps = n
+	case "wbps":
+		l.WBps = n
+	case "riops":
+		l.RIOPS = n
+	case "wiops":
+		l.WIOPS = n
+	}
+}
+
+// v1Throttle maps the v1 blkio.throttle.* files to the io.max keys.
+var v1Throttle = [...]struct{ file, key string }{
+	{"read_bps_device", "rbps"}, {"write_bps_device", "wbps"},
+	{"read_iops_device", "riops"}, {"write_iops_device", "wiops"},
+}
+
 func readThrottleV1(dir string) (map[string]IOLimit, error) {
 	out := map[string]IOLimit{}
-	for _, f := range []string{"read_bps_device", "write_bps_device", "read_iops_device", "write_iops_device"} {
+	for _, t := range v1Throttle {
+		f := t.file
 		b, err := os.ReadFile(filepath.Join(dir, "blkio.throttle."+f))
 		if err != nil {
 			return nil, fmt.Errorf("cgroup: %w", err)
@@ -575,16 +588,7 @@ func readThrottleV1(dir string) (map[string]IOLimit, error) {
 				return nil, fmt.Errorf("cgroup: blkio.throttle.%s line %q: %w", f, line, err)
 			}
 			l := out[x[0]]
-			switch f {
-			case "read_bps_device":
-				l.RBps = n
-			case "write_bps_device":
-				l.WBps = n
-			case "read_iops_device":
-				l.RIOPS = n
-			case "write_iops_device":
-				l.WIOPS = n
-			}
+			l.set(t.key, n)
 			out[x[0]] = l
 		}
 	}
